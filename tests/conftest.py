@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random-weight models (depth 2, width 64, 32x32 images) so the suite runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+
+def tiny_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
+    """A random-weight timm ViT: 2 blocks, width 64, 4x4 grid of 8-pixel patches plus a class token."""
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=num_classes, **kwargs
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def vit() -> torch.nn.Module:
+    return tiny_vit()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,126 @@
+"""The contract every registered method keeps, checked on a tiny timm ViT (and a tiny HF BERT where it applies).
+
+A method is covered by being in ``vpeft.methods.METHODS``: these tests are parametrised over the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vpeft
+from vpeft.methods import METHODS
+
+from .conftest import tiny_vit
+
+ALL = sorted(METHODS)
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move every trainable tensor away from its initial value, so merge and save are tested on a real update."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def adapted(method: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = tiny_vit()
+    model = copy.deepcopy(base)
+    vpeft.apply_method(model, method)
+    return base, model
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_output_at_init(method, images):
+    base, model = adapted(method)
+    if not METHODS[method].identity_at_init:
+        pytest.skip(f"{method} changes the output at initialisation by design")
+    torch.testing.assert_close(model(images), base(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_only_method_tensors_train(method):
+    base, model = adapted(method)
+    report = vpeft.report(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == report.trainable + report.head
+    if METHODS[method].restorable:
+        # adapter tensors sit under .adapters. (per target or head copy) or in vpeft_shared; base tensors are frozen
+        assert all(".adapters." in n or n.startswith("vpeft_shared.") for n in trainable), trainable
+        assert report.head == sum(p.numel() for p in base.head.parameters())
+    else:
+        assert trainable == {n for n, _ in base.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_trainable_tensor_gets_gradient(method, images):
+    _, model = adapted(method)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    labels = torch.tensor([1, 2])
+    for _ in range(2):  # after one step even zero-initialised factors (LoRA's B) pass gradient on
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+    silent = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not silent, f"no gradient reached {silent}"
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_save_load_round_trip(method, images, tmp_path):
+    base, model = adapted(method)
+    perturb(model)
+    vpeft.save_adapter(model, tmp_path / "adapter")
+    fresh = copy.deepcopy(base)
+    vpeft.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(fresh(images), model(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_merge_unmerge(method, images):
+    base, model = adapted(method)
+    perturb(model)
+    expected = model(images)
+    cls = METHODS[method]
+    if not cls.mergeable:
+        with pytest.raises(ValueError, match="cannot be merged"):
+            vpeft.merge(model)
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=0)  # nothing half-applied
+        return
+    vpeft.merge(model)
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(base.state_dict())
+    if not cls.restorable:
+        with pytest.raises(ValueError, match="no original model"):
+            vpeft.unmerge(model)
+        return
+    vpeft.unmerge(model)
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+    for key, value in base.state_dict().items():  # the original weights are back
+        torch.testing.assert_close(_base_value(model, key), value, rtol=1e-5, atol=1e-6)
+
+
+def _base_value(model: torch.nn.Module, key: str) -> torch.Tensor:
+    """A base tensor of a wrapped model, found through the wrappers' ``base_layer``."""
+    for name, value in model.state_dict().items():
+        if name.replace(".base_layer", "") == key:
+            return value
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_disable_gives_base_output(method, images):
+    base, model = adapted(method)
+    perturb(model)
+    if not METHODS[method].restorable:
+        with pytest.raises(ValueError, match="no original model"):
+            with vpeft.disabled(model):
+                pass
+        return
+    with vpeft.disabled(model):
+        torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
+    assert not torch.allclose(model(images), base(images))

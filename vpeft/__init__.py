@@ -1,0 +1,41 @@
+"""vpeft: parameter-efficient fine-tuning of vision and medical-imaging foundation models.
+
+    import timm, vpeft
+    model = timm.create_model("vit_base_patch16_224", num_classes=100)
+    print(vpeft.apply_method(model, "lora"))     # VTAB-1k defaults: r=8 on q and v
+    vpeft.save_adapter(model, "out/adapter")
+"""
+
+from .api import (
+    __version__,
+    apply_method,
+    delete_adapter,
+    disabled,
+    list_methods,
+    load_adapter,
+    merge,
+    method_loss,
+    on_step,
+    report,
+    save_adapter,
+    set_adapter,
+    unmerge,
+)
+from .core import Report
+
+__all__ = [
+    "Report",
+    "__version__",
+    "apply_method",
+    "delete_adapter",
+    "disabled",
+    "list_methods",
+    "load_adapter",
+    "merge",
+    "method_loss",
+    "on_step",
+    "report",
+    "save_adapter",
+    "set_adapter",
+    "unmerge",
+]

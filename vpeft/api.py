@@ -1,0 +1,67 @@
+"""The public functions: they bind the method registry to the core."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .core import Report, build_config, inject, io
+from .methods import METHODS
+from .registry import lookup
+
+__version__ = "0.1.0"
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(METHODS)
+
+
+def apply_method(
+    model: nn.Module, method: str, *, adapter_name: str = "default", calibration: Any = None, **options: Any
+) -> Report:
+    """Attach ``method`` to ``model`` in place, freeze everything else, and return the trainable-parameter report.
+
+    Options are the fields of the method's config dataclass (its defaults are the paper's VTAB-1k setting).
+    ``calibration`` is an iterable of ``(inputs, targets)`` batches for methods that decide from data (SPT...).
+    A second call with another ``adapter_name`` adds a second adapter (with its own head) and activates it.
+    """
+    cls = lookup(METHODS, method, "method")
+    config = build_config(cls.Config, options, method)
+    return inject.add_adapter(model, cls, method, config, adapter_name, calibration)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter and head tensors only)."""
+    return io.save(model, directory, adapter_name, __version__)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Report:
+    """Rebuild the saved method on ``model`` and load its tensors; on any mismatch the model is left unchanged."""
+    meta, tensors = io.read(directory)
+    name = adapter_name or meta["adapter_name"]
+    cls = lookup(METHODS, meta["method"], "method")
+    config = build_config(cls.Config, meta["options"], meta["method"])
+    try:
+        report = inject.add_adapter(model, cls, meta["method"], config, name, prepared=True)
+    except ValueError as err:
+        raise ValueError(f"cannot load the adapter in {directory} (saved from {meta['model_class']}): {err}") from None
+    try:
+        io.load_tensors(model, name, tensors, str(directory))
+    except Exception:
+        inject.delete_adapter(model, name)
+        raise
+    return report
+
+
+merge = inject.merge
+unmerge = inject.unmerge
+disabled = inject.disabled
+set_adapter = inject.set_adapter
+delete_adapter = inject.delete_adapter
+report = inject.report
+method_loss = inject.method_loss
+on_step = inject.on_step

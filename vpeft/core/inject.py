@@ -1,0 +1,339 @@
+"""Adding, switching, merging and removing named adapters on a model.
+
+All state lives in one :class:`PeftState` kept on the model as ``model._vpeft``: the records of its adapters, the
+switch its wrappers share, the ``requires_grad`` flags it had before vpeft touched it, and, after a merge, what the
+merge took out. Every change is validated before the model is touched, so an error leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .config import MethodConfig
+from .layers import WHOLE, Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
+from .report import Report
+from .targets import SHARED, find_heads, fused_parts, select_targets
+
+log = logging.getLogger("vpeft")
+STATE = "_vpeft"
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][\w-]*$")
+
+
+@dataclass
+class PeftState:
+    switch: Switch
+    original_requires_grad: dict[str, bool]
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    merged: list[tuple[str, Adapted]] | None = None  # wrappers a merge took out, for unmerge
+    merged_shared: nn.Module | None = None
+
+
+def state_of(model: nn.Module, required: bool = True) -> PeftState | None:
+    state = model.__dict__.get(STATE)
+    if state is None and required:
+        raise ValueError("this model has no vpeft adapter; call vpeft.apply_method(model, ...) first.")
+    return state
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Adapted]]:
+    """``(logical path, parent, attribute, wrapper)`` for every wrapper in the model."""
+
+    def visit(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, str, Adapted]]:
+        for name, child in list(module._modules.items()):
+            if child is None or (name == SHARED and prefix == ""):
+                continue
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, Adapted):
+                yield path, module, name, child
+                child = child.base_layer
+            yield from visit(child, path)
+
+    yield from visit(model, "")
+
+
+def layers_of(model: nn.Module, name: str) -> list[AdapterModule]:
+    """The adapter modules of adapter ``name``, in model order (heads excluded)."""
+    return [
+        module
+        for _, _, _, w in wrappers(model)
+        if name in w.adapters and not isinstance(w, HeadCopies)
+        for module in w.adapters[name].values()
+    ]
+
+
+def shared_of(model: nn.Module, name: str) -> nn.Module | None:
+    container = model._modules.get(SHARED)
+    return container[name] if container is not None and name in container else None
+
+
+def add_adapter(
+    model: nn.Module,
+    method_cls: type[AdapterModule],
+    method: str,
+    config: MethodConfig,
+    adapter_name: str = "default",
+    calibration: Any = None,
+    prepared: bool = False,
+) -> Report:
+    """Attach a new named adapter and make it the active (and only trainable) one."""
+    state = state_of(model, required=False)
+    if not _ADAPTER_NAME.match(adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} must be an identifier (letters, digits, _ and -).")
+    if state is not None:
+        if state.merged is not None:
+            raise ValueError("this model holds a merged adapter; call vpeft.unmerge(model) before adding another.")
+        if adapter_name in state.adapters:
+            raise ValueError(
+                f"the model already has an adapter named {adapter_name!r} ({state.adapters[adapter_name].method}); "
+                "pass another adapter_name= or remove it with vpeft.delete_adapter(model, name)."
+            )
+        if not method_cls.restorable or any(not r.method_cls.restorable for r in state.adapters.values()):
+            raise ValueError(f"{method!r} cannot share a model with other adapters: one of them trains base tensors.")
+
+    targets = select_targets(model, config, method_cls, method)
+    if method_cls.needs_calibration and not prepared:
+        if calibration is None:
+            raise ValueError(
+                f"method {method!r} needs calibration data: vpeft.apply_method(model, {method!r}, "
+                "calibration=batches), with batches an iterable of (inputs, targets)."
+            )
+        config = method_cls.prepare(config, model, targets, calibration)
+        targets = select_targets(model, config, method_cls, method)
+    heads = find_heads(model, config)
+    trainable_base = method_cls.trainable_base(config, model)
+    shared = method_cls.build_shared(config, targets)
+    layers = [method_cls(t, config, shared) for t in targets]  # may fail: nothing installed yet
+
+    if state is None:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        state = PeftState(Switch(), flags)
+        model.__dict__[STATE] = state
+    state.adapters[adapter_name] = AdapterRecord(method, method_cls, config, [t.key for t in targets], heads,
+                                                 trainable_base)  # fmt: skip
+    try:
+        for target, layer in zip(targets, layers):
+            parts = _wrapper(model, target.name, state.switch).adapters
+            if adapter_name not in parts:
+                parts[adapter_name] = nn.ModuleDict()
+            parts[adapter_name][target.part] = layer.train(target.module.training)  # new modules join in eval mode
+        for head in heads:
+            wrapper = _wrapper(model, head, state.switch, head=True)
+            wrapper.add_copy(adapter_name)
+        if shared is not None:
+            if SHARED not in model._modules:
+                model.add_module(SHARED, nn.ModuleDict())
+            model._modules[SHARED][adapter_name] = shared
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+    if state.switch.active is not None and state.switch.active != adapter_name:
+        log.info("vpeft: adapter %r is now active and trainable; %r is frozen", adapter_name, state.switch.active)
+    state.switch.active = adapter_name
+    refreeze(model)
+    return report(model, adapter_name)
+
+
+def _wrapper(model: nn.Module, path: str, switch: Switch, head: bool = False) -> Adapted:
+    """The wrapper at logical ``path``, created in place of the module there when there is none."""
+    parent, attr = _locate(model, path)
+    child = parent._modules[attr]
+    if isinstance(child, Adapted):
+        return child
+    if head:
+        wrapper: Adapted = HeadCopies(child, switch)
+    elif isinstance(child, nn.MultiheadAttention):
+        wrapper = AdaptedMHA(child, switch, fused_parts(child))
+    else:
+        wrapper = Adapted(child, switch, fused_parts(child))
+    parent._modules[attr] = wrapper.train(child.training)
+    return wrapper
+
+
+def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent = model
+    *above, attr = path.split(".")
+    for piece in above:
+        parent = parent._modules[piece]
+        if isinstance(parent, Adapted):
+            parent = parent.base_layer
+    if isinstance(parent, Adapted):
+        parent = parent.base_layer
+    return parent, attr
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; wrappers left empty are replaced by their base modules again."""
+    state = state_of(model)
+    if name not in state.adapters:
+        raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
+    if state.merged is not None:
+        raise ValueError("unmerge the model (vpeft.unmerge) before deleting its adapter.")
+    for _, parent, attr, wrapper in list(wrappers(model)):
+        if name in wrapper.adapters:
+            del wrapper.adapters[name]
+        if len(wrapper.adapters) == 0:
+            parent._modules[attr] = wrapper.base_layer
+    container = model._modules.get(SHARED)
+    if container is not None and name in container:
+        del container[name]
+        if len(container) == 0:
+            del model._modules[SHARED]
+    del state.adapters[name]
+    if state.switch.active == name:
+        state.switch.active = next(iter(state.adapters), None)
+    if not state.adapters:
+        for n, p in model.named_parameters():
+            p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
+        del model.__dict__[STATE]
+    else:
+        refreeze(model)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` (and its head) the one that runs and trains; the others are frozen."""
+    state = state_of(model)
+    if name not in state.adapters:
+        raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
+    if state.merged is not None:
+        raise ValueError("the model holds a merged adapter; call vpeft.unmerge(model) before switching.")
+    if state.switch.active != name:
+        log.info("vpeft: adapter %r is now active and trainable; %r is frozen", name, state.switch.active)
+    state.switch.active = name
+    refreeze(model)
+
+
+def refreeze(model: nn.Module) -> None:
+    """Only the active adapter's tensors, its head copy and the base tensors its method trains require grad."""
+    state = state_of(model)
+    model.requires_grad_(False)
+    name = state.switch.active
+    if name is None:
+        return
+    for _, _, _, wrapper in wrappers(model):
+        if name in wrapper.adapters:
+            for p in wrapper.adapters[name].parameters():
+                p.requires_grad_(True)
+    shared = shared_of(model, name)
+    if shared is not None:
+        shared.requires_grad_(True)
+    params = dict(model.named_parameters())
+    for n in state.adapters[name].trainable_base:
+        params[n].requires_grad_(True)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: every adapter and head copy is bypassed inside the block."""
+    state = state_of(model)
+    _check_restorable(state, "disable")
+    previous, state.switch.disabled = state.switch.disabled, True
+    try:
+        yield
+    finally:
+        state.switch.disabled = previous
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapter into the base weights; the wrappers leave and the state dict has base keys only."""
+    state = state_of(model)
+    name = state.switch.active
+    if state.merged is not None:
+        raise ValueError("the model is already merged.")
+    record = state.adapters[name]
+    if not record.method_cls.mergeable:
+        raise ValueError(
+            f"method {record.method!r} (adapter {name!r}) cannot be merged into the base weights: its update is not "
+            "a change of the wrapped layers' weights. Keep it unmerged, or save it with vpeft.save_adapter."
+        )
+    if len(state.adapters) > 1:
+        raise ValueError(f"merge folds one adapter into weights that all adapters share; the model has "
+                         f"{list(state.adapters)}: delete the others first (vpeft.delete_adapter).")  # fmt: skip
+    taken = []
+    for path, parent, attr, wrapper in list(wrappers(model)):
+        if isinstance(wrapper, HeadCopies):
+            parent._modules[attr] = wrapper.adapters[name][WHOLE]
+        else:
+            wrapper.fold(name)
+            parent._modules[attr] = wrapper.base_layer
+        taken.append((path, wrapper))
+    state.merged, state.merged_shared = taken, model._modules.pop(SHARED, None)
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.original_requires_grad.get(n, True))
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`: the original weights come back (to float rounding) and the adapter is live again."""
+    state = state_of(model)
+    if state.merged is None:
+        raise ValueError("the model is not merged; nothing to unmerge.")
+    name = state.switch.active
+    _check_restorable(state, "unmerge")
+    for path, wrapper in state.merged:
+        parent, attr = _locate(model, path)
+        parent._modules[attr] = wrapper
+        if not isinstance(wrapper, HeadCopies):
+            wrapper.fold(name, undo=True)
+    if state.merged_shared is not None:
+        model.add_module(SHARED, state.merged_shared)
+    state.merged = state.merged_shared = None
+    refreeze(model)
+
+
+def _check_restorable(state: PeftState, action: str) -> None:
+    record = state.adapters[state.switch.active]
+    if not record.method_cls.restorable:
+        raise ValueError(f"cannot {action}: method {record.method!r} trains the base weights in place, so there is "
+                         "no original model to return to.")  # fmt: skip
+
+
+def method_loss(model: nn.Module) -> Tensor | None:
+    """The active method's extra loss term (a regulariser), or None; the training loop adds it to the task loss."""
+    state = state_of(model)
+    name = state.switch.active
+    record = state.adapters[name]
+    return record.method_cls.loss(record.config, layers_of(model, name), shared_of(model, name))
+
+
+def on_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Tell the active method that optimizer step ``step`` of ``total_steps`` is about to run."""
+    state = state_of(model)
+    name = state.switch.active
+    record = state.adapters[name]
+    record.method_cls.on_step(record.config, layers_of(model, name), step, total_steps)
+
+
+def report(model: nn.Module, name: str | None = None) -> Report:
+    """The trainable-parameter table of adapter ``name`` (default: the active one)."""
+    state = state_of(model)
+    name = name or state.switch.active
+    record = state.adapters[name]
+    rows: list[tuple[str, str, int]] = []
+    heads: list[tuple[str, int]] = []
+    for path, _, _, wrapper in wrappers(model):
+        if name not in wrapper.adapters:
+            continue
+        for part, module in wrapper.adapters[name].items():
+            count = sum(p.numel() for p in module.parameters())
+            if isinstance(wrapper, HeadCopies):
+                heads.append((path, count))
+            else:
+                rows.append((path if part == WHOLE else f"{path}[{part}]", type(wrapper.base_layer).__name__, count))
+    shared = shared_of(model, name)
+    if shared is not None:
+        rows.append((SHARED, "shared", sum(p.numel() for p in shared.parameters())))
+    params = dict(model.named_parameters())
+    for n in record.trainable_base:
+        rows.append((n, "base tensor", params[n].numel()))
+    base_total = sum(p.numel() for n, p in params.items() if not _is_adapter_param(n))
+    return Report(record.method, name, rows, heads, base_total)
+
+
+def _is_adapter_param(name: str) -> bool:
+    return ".adapters." in name or name.startswith(SHARED + ".")

@@ -1,0 +1,132 @@
+"""Adapter files: ``adapter_config.json`` plus ``adapter_model.safetensors``, written atomically, never pickled.
+
+The tensors are the adapter's own (parameters and persistent buffers of its modules), its head copy, tensors shared
+across targets and any base tensors the method trains; keys are logical and carry no adapter name, so a file loads
+under any name. Keys look like ``blocks.0.attn.qkv.q.lora_A`` (target, part, tensor) and ``head.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import config_to_dict
+from .inject import state_of, wrappers
+from .layers import HeadCopies
+from .targets import SHARED
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "vpeft.adapter"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or kill during ``write`` leaves the previous ``path`` intact; ``os.replace`` is atomic on POSIX and Windows.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """The live tensors of adapter ``name`` under their file keys."""
+    state = state_of(model)
+    out: dict[str, Tensor] = {}
+    for path, _, _, wrapper in wrappers(model):
+        if name not in wrapper.adapters:
+            continue
+        for part, module in wrapper.adapters[name].items():
+            prefix = path if isinstance(wrapper, HeadCopies) else f"{path}.{part}"
+            out.update({f"{prefix}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    container = model._modules.get(SHARED)
+    if container is not None and name in container:
+        out.update({f"{SHARED}.{k}": v for k, v in container[name].state_dict(keep_vars=True).items()})
+    params = dict(model.named_parameters())
+    out.update({n: params[n] for n in state.adapters[name].trainable_base})
+    return out
+
+
+def save(model: nn.Module, directory: str | os.PathLike, name: str | None, version: str) -> Path:
+    state = state_of(model)
+    name = name or state.switch.active
+    if name not in state.adapters:
+        raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
+    if state.merged is not None:
+        raise ValueError("the adapter is merged into the base weights; vpeft.unmerge(model) before saving it.")
+    record = state.adapters[name]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model, name).items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vpeft_version": version,
+        "adapter_name": name,
+        "method": record.method,
+        "options": config_to_dict(record.config),
+        "targets": record.targets,
+        "heads": record.heads,
+        "model_class": type(model).__qualname__,
+        "num_tensors": len(tensors),
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+    }
+    directory = Path(directory)
+    # tensors first, config last: a directory with a config always has the matching tensors
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The saved config and tensors of an adapter directory, checked for format."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: not a vpeft adapter directory (vpeft.save_adapter "
+                                "writes adapter_config.json and adapter_model.safetensors).")  # fmt: skip
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != FORMAT:
+        hint = " It looks like a Hugging Face PEFT adapter: use vpeft.import_hf_peft." if "peft_type" in meta else ""
+        raise ValueError(f"{config_path} is not a vpeft adapter config (format {meta.get('format')!r}).{hint}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {meta['format_version']}; this vpeft reads up to "
+                         f"{FORMAT_VERSION}. Upgrade vpeft.")  # fmt: skip
+    return meta, load_file(str(directory / WEIGHTS_FILE))
+
+
+def load_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], source: str) -> None:
+    """Copy ``tensors`` into adapter ``name``; every key and shape must match, or nothing is copied."""
+    live = adapter_tensors(model, name)
+    missing = sorted(set(live) - set(tensors))
+    unexpected = sorted(set(tensors) - set(live))
+    mismatched = [(k, tuple(tensors[k].shape), tuple(live[k].shape)) for k in live if k in tensors
+                  and tensors[k].shape != live[k].shape]  # fmt: skip
+    if missing or unexpected or mismatched:
+        lines = [f"the adapter in {source} does not fit this model ({type(model).__qualname__}):"]
+        if mismatched:
+            lines.append(f"  {len(mismatched)} shape mismatches, e.g. "
+                         + "; ".join(f"{k}: saved {a}, model {b}" for k, a, b in mismatched[:5]))  # fmt: skip
+        if missing:
+            lines.append(f"  {len(missing)} tensors the model expects are not in the file, e.g. {missing[:5]}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:5]}")
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in live.items():
+            v.copy_(tensors[k].to(v.dtype))

@@ -1,0 +1,249 @@
+"""The mechanics every method shares: the per-target adapter base class and the wrappers that compose it.
+
+A method is one :class:`AdapterModule` subclass: its ``Config`` and its math. Where it composes with the model lives
+here, once:
+
+* :class:`Adapted` replaces a target module and holds it as ``base_layer``. For the active adapter it computes
+  ``y = base_layer(adapt_input(x))`` and then ``adapt_output(x, y)``; on a fused projection (``attn.qkv``) each
+  adapted slice gets its own module and only its columns of ``y`` change, so the other slices stay bit-identical.
+* :class:`AdaptedMHA` does the same for ``nn.MultiheadAttention``, whose projections are applied inside one functional
+  call; it feeds that call the adapters' ``merged`` weights, so only weight-space methods can target it.
+* :class:`HeadCopies` gives every adapter its own trainable copy of the task head.
+
+A shared :class:`Switch` says which adapter is active and whether all are disabled, so switching costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MethodConfig
+
+if TYPE_CHECKING:
+    from .targets import Target
+
+WHOLE = "all"  # part name of an adapter that covers a whole module rather than one slice
+
+
+@dataclass
+class Switch:
+    """Shared by every wrapper of one model: the active adapter, and whether adapters are bypassed."""
+
+    active: str | None = None
+    disabled: bool = False
+
+
+class AdapterModule(nn.Module):
+    """One adapter's tensors for one target: a whole module, or one slice (``q``/``k``/``v``) of a fused projection.
+
+    Subclasses set the class attributes and override what their math needs:
+
+    * ``adapt_output(x, y)``: the output given the target's input ``x`` and base output ``y`` (LoRA, SSF, adapters);
+    * ``adapt_input(x)``: the input the base layer sees (RepAdapter, prompts);
+    * ``delta_weight()`` (additive methods) or ``merged``/``unmerged`` (the others) to fold into the base weights.
+
+    Method-level hooks are class methods: ``prepare`` (data-dependent choices from calibration batches),
+    ``build_shared`` (tensors shared by all targets, FacT), ``loss`` (regularisers) and ``on_step`` (schedules).
+    """
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    wraps: ClassVar[tuple[str, ...]] = ("linear",)  # target kinds: linear, conv2d, norm, mha, module
+    mergeable: ClassVar[bool] = False  # can fold into the base weights (merged/unmerged are defined)
+    identity_at_init: ClassVar[bool] = True  # the adapted model equals the base model before training
+    restorable: ClassVar[bool] = True  # the base model survives (False for methods that train base tensors)
+    needs_targets: ClassVar[bool] = True  # False for methods that only train the head or base tensors
+    needs_calibration: ClassVar[bool] = False  # prepare() needs data batches
+
+    def __init__(self, target: Target, config: MethodConfig, shared: nn.Module | None = None):
+        super().__init__()
+        self.__dict__["shared"] = shared  # not registered: it is saved once, under vpeft_shared, not per target
+
+    # ---- math, per target --------------------------------------------------------------------------------------
+    def adapt_input(self, x: Tensor) -> Tensor:
+        return x
+
+    def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    def delta_weight(self) -> Tensor:
+        """``W_merged - W`` in the layout of the base weight (or slice): ``(out, in)`` or ``(out, in/g, kh, kw)``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no weight delta")
+
+    def merged(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The base weight and bias with this adapter folded in (out of place, differentiable)."""
+        return weight + self.delta_weight().to(weight.dtype), bias
+
+    def unmerged(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`merged`."""
+        return weight - self.delta_weight().to(weight.dtype), bias
+
+    # ---- hooks, per method -------------------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, target: Target, config: MethodConfig) -> bool:
+        """Whether a matched module is really a target (BitFit skips layers without a bias)."""
+        return True
+
+    @classmethod
+    def prepare(cls, config: MethodConfig, model: nn.Module, targets: list[Target], calibration: Any) -> MethodConfig:
+        """Data-dependent decisions, returned as a new config so that a saved adapter rebuilds without data."""
+        return config
+
+    @classmethod
+    def build_shared(cls, config: MethodConfig, targets: list[Target]) -> nn.Module | None:
+        return None
+
+    @classmethod
+    def trainable_base(cls, config: MethodConfig, model: nn.Module) -> list[str]:
+        """Names of base parameters this method trains in place (``full``); they are saved with the adapter."""
+        return []
+
+    @classmethod
+    def loss(cls, config: MethodConfig, layers: list[AdapterModule], shared: nn.Module | None) -> Tensor | None:
+        """An extra loss term added to the task loss during training, or None."""
+        return None
+
+    @classmethod
+    def on_step(cls, config: MethodConfig, layers: list[AdapterModule], step: int, total_steps: int) -> None:
+        """Called by the training loop before each optimizer step (rank schedules, annealing)."""
+
+
+class Adapted(nn.Module):
+    """A target module with its adapters: ``adapters[adapter_name][part]``."""
+
+    def __init__(self, base_layer: nn.Module, switch: Switch, slices: dict[str, slice] | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.slices = slices or {}  # part -> columns of the output (fused projections only)
+        self._switch = switch
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # code that reads ``layer.weight`` or ``layer.in_features`` keeps working
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def active_parts(self) -> nn.ModuleDict | None:
+        sw = self._switch
+        if sw.disabled or sw.active is None or sw.active not in self.adapters:
+            return None
+        return self.adapters[sw.active]
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        parts = self.active_parts()
+        if parts is None:
+            return self.base_layer(x, *args, **kwargs)
+        whole = parts[WHOLE] if WHOLE in parts else None
+        x_in = whole.adapt_input(x) if whole is not None else x
+        out = self.base_layer(x_in, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out  # HF layers return (hidden, extras...)
+        if whole is not None:
+            y = whole.adapt_output(x, y)
+        if self.slices and len(parts) > (whole is not None):
+            names = list(self.slices)
+            chunks = list(y.split([s.stop - s.start for s in self.slices.values()], dim=-1))
+            for i, part in enumerate(names):
+                if part in parts:
+                    chunks[i] = parts[part].adapt_output(x, chunks[i])
+            y = torch.cat(chunks, dim=-1)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    # ---- weights, as (out, in, ...) views that merge writes through ---------------------------------------------
+    def weight_views(self, part: str) -> tuple[Tensor, Tensor | None]:
+        base = self.base_layer
+        weight = base.weight.T if _is_conv1d(base) else base.weight  # HF Conv1D stores (in, out)
+        bias = base.bias
+        if part != WHOLE:
+            cols = self.slices[part]
+            weight, bias = weight[cols], (bias[cols] if bias is not None else None)
+        return weight, bias
+
+    @torch.no_grad()
+    def fold(self, name: str, undo: bool = False) -> None:
+        """Merge (or with ``undo``, unmerge) adapter ``name`` into the base weights in place."""
+        for part, module in self.adapters[name].items():
+            weight, bias = self.weight_views(part)
+            new_w, new_b = (module.unmerged if undo else module.merged)(weight, bias)
+            weight.copy_(new_w)
+            if bias is not None and new_b is not None:
+                bias.copy_(new_b)
+            elif new_b is not None:
+                raise ValueError(f"cannot merge a bias into {type(self.base_layer).__name__} without a bias")
+
+
+class AdaptedMHA(Adapted):
+    """``nn.MultiheadAttention`` with weight-space adapters on its ``q``/``k``/``v`` in-projection and ``out_proj``."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        mha = self.base_layer
+        parts = self.active_parts()
+        if parts is None:
+            return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                       attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)  # fmt: skip
+        in_w, in_b = [], []
+        for part in ("q", "k", "v"):
+            w, b = self.weight_views(part)
+            if part in parts:
+                w, b = parts[part].merged(w, b)
+            in_w.append(w), in_b.append(b)
+        out_w, out_b = self.weight_views("out_proj")
+        if "out_proj" in parts:
+            out_w, out_b = parts["out_proj"].merged(out_w, out_b)
+        if mha.batch_first:  # the functional form takes (seq, batch, dim)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, mha.embed_dim, mha.num_heads, torch.cat(in_w),
+            torch.cat(in_b) if in_b[0] is not None else None, mha.bias_k, mha.bias_v, mha.add_zero_attn,
+            mha.dropout, out_w, out_b, training=mha.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )  # fmt: skip
+        return (out.transpose(0, 1) if mha.batch_first else out), weights
+
+    def weight_views(self, part: str) -> tuple[Tensor, Tensor | None]:
+        mha = self.base_layer
+        if part == "out_proj":
+            return mha.out_proj.weight, mha.out_proj.bias
+        cols = self.slices[part]
+        bias = mha.in_proj_bias[cols] if mha.in_proj_bias is not None else None
+        return mha.in_proj_weight[cols], bias
+
+
+class HeadCopies(Adapted):
+    """A task head with one trainable copy per adapter; disabled or inactive, the original head answers."""
+
+    def add_copy(self, name: str) -> None:
+        head = copy.deepcopy(self.base_layer)
+        head.requires_grad_(True)
+        self.adapters[name] = nn.ModuleDict({WHOLE: head})
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        parts = self.active_parts()
+        head = parts[WHOLE] if parts is not None else self.base_layer
+        return head(x, *args, **kwargs)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2): a Linear with its weight stored transposed; matched by duck type."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+@dataclass
+class AdapterRecord:
+    """What one named adapter is: enough to save it and to rebuild it."""
+
+    method: str
+    method_cls: type[AdapterModule]
+    config: MethodConfig
+    targets: list[str]  # logical names, ``path`` or ``path[part]``
+    heads: list[str]
+    trainable_base: list[str] = field(default_factory=list)

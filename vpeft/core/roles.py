@@ -1,0 +1,24 @@
+"""Roles: library-independent names for the places methods attach to.
+
+A method's default ``targets`` are roles (LoRA: ``("q", "v")``), so one default serves timm ViTs, SAM, open_clip and
+Hugging Face encoders. A role expands to the naming conventions below; conventions that do not fit a model (absent
+names, a slice of a module that is not a fused projection) are skipped, and a role that fits nothing is an error.
+Backbone families with other names add a pattern here.
+"""
+
+from __future__ import annotations
+
+ROLES: dict[str, tuple[str, ...]] = {
+    # one projection of attention; fused ``qkv`` Linears and nn.MultiheadAttention are sliced
+    "q": ("attn.qkv[q]", "attn.q_proj", "attn[q]", "attention.self.query", "self_attn.q_proj", "attn.c_attn[q]"),
+    "k": ("attn.qkv[k]", "attn.k_proj", "attn[k]", "attention.self.key", "self_attn.k_proj", "attn.c_attn[k]"),
+    "v": ("attn.qkv[v]", "attn.v_proj", "attn[v]", "attention.self.value", "self_attn.v_proj", "attn.c_attn[v]"),
+    "qkv": ("attn.qkv", "attn.c_attn"),
+    "attn_out": ("attn.proj", r".*attn\.out_proj", "attention.output.dense", "self_attn.o_proj", "attn.c_proj"),
+    "mlp_in": ("mlp.fc1", "mlp.c_fc", "intermediate.dense", "mlp.up_proj"),
+    "mlp_out": ("mlp.fc2", "mlp.c_proj", r".*layer\.\d+\.output\.dense", "mlp.down_proj"),
+    # whole sub-blocks: their input is the normalised residual stream, their output goes back into it
+    "attn": ("attn",),
+    "mlp": ("mlp", r".*layer\.\d+\.output\.dense"),
+    "block": (r"blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+"),
+}

@@ -1,0 +1,258 @@
+"""Which modules a method adapts: name patterns, roles, types and block indices, with excludes winning.
+
+A pattern matches a module path when it equals it, is a dotted suffix of it (``attn.qkv`` matches
+``blocks.3.attn.qkv``), or full-matches it as a regular expression. ``pattern[q,v]`` selects slices of a fused
+projection (a Linear or HF Conv1D whose output is ``[q; k; v]``, or ``nn.MultiheadAttention``). Paths are *logical*:
+the ``base_layer`` that a wrapper inserts is left out, so adapters stack without renaming anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import MethodConfig
+from .layers import WHOLE, Adapted, AdapterModule, _is_conv1d
+from .roles import ROLES
+
+SHARED = "vpeft_shared"  # root attribute holding tensors shared by all targets of an adapter
+_SLICE = re.compile(r"^(?P<pattern>.+)\[(?P<parts>[\w\s,]+)\]$")
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+
+
+@dataclass
+class Target:
+    """One place an adapter attaches: a module, or one slice of a fused projection."""
+
+    name: str  # logical module path
+    module: nn.Module  # the base module (never a wrapper)
+    part: str  # WHOLE, or q / k / v / out_proj
+    kind: str  # linear | conv2d | norm | mha | module
+    index: int | None  # block index (first integer in the path)
+    position: int = 0  # order among this adapter's targets
+    count: int = 1  # number of targets of this adapter
+
+    @property
+    def key(self) -> str:
+        return self.name if self.part == WHOLE else f"{self.name}[{self.part}]"
+
+    @property
+    def in_features(self) -> int:
+        m = self.module
+        if isinstance(m, nn.MultiheadAttention):
+            return m.embed_dim
+        if _is_conv1d(m):
+            return m.weight.shape[0]
+        return getattr(m, "in_features", None) or getattr(m, "in_channels", None) or _width(m)
+
+    @property
+    def out_features(self) -> int:
+        m = self.module
+        if isinstance(m, nn.MultiheadAttention):
+            return m.embed_dim
+        full = m.nf if _is_conv1d(m) else getattr(m, "out_features", None) or getattr(m, "out_channels", None)
+        full = full or _width(m)
+        return full if self.part == WHOLE else full // 3
+
+
+def _width(module: nn.Module) -> int:
+    shape = getattr(module, "normalized_shape", None) or (getattr(module, "num_features", None),)
+    return int(shape[-1]) if shape[-1] is not None else 0
+
+
+def kind_of(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, _NORMS):
+        return "norm"
+    return "module"
+
+
+def fused_parts(module: nn.Module) -> dict[str, slice]:
+    """Output columns of q, k and v for a fused projection; empty when the module is not one."""
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            return {}
+        d = module.embed_dim
+        return {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d), "out_proj": slice(0, d)}
+    out = module.nf if _is_conv1d(module) else getattr(module, "out_features", 0) if isinstance(module, nn.Linear) else 0
+    if out == 0 or out % 3:
+        return {}
+    d = out // 3
+    return {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d)}
+
+
+def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(logical path, base module)`` for every module, seeing through wrappers and skipping adapter tensors."""
+
+    def visit(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            if name == SHARED and prefix == "":
+                continue
+            path = f"{prefix}.{name}" if prefix else name
+            base = child.base_layer if isinstance(child, Adapted) else child
+            yield path, base
+            yield from visit(base, path)
+
+    yield from visit(model, "")
+
+
+def block_index(path: str) -> int | None:
+    for piece in path.split("."):
+        if piece.isdigit():
+            return int(piece)
+    return None
+
+
+def name_matches(path: str, pattern: str) -> bool:
+    if path == pattern or path.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, path) is not None
+    except re.error:
+        return False
+
+
+def _split(pattern: str) -> tuple[str, tuple[str, ...] | None]:
+    m = _SLICE.match(pattern)
+    if m is None:
+        return pattern, None
+    return m["pattern"], tuple(p.strip() for p in m["parts"].split(",") if p.strip())
+
+
+def _check_regex(pattern: str) -> None:
+    if not re.fullmatch(r"[\w.]+", pattern):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"target pattern {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def find_heads(model: nn.Module, config: MethodConfig) -> list[str]:
+    """Logical paths of the task head: the ``head`` option, else the classifier the model reports."""
+    modules = dict(walk(model))
+    if config.head is not None:
+        names = []
+        for pattern in config.head:
+            hits = [p for p in modules if name_matches(p, pattern)]
+            if not hits:
+                raise ValueError(_no_match(f"head pattern {pattern!r}", modules))
+            names += [h for h in hits if h not in names and not any(h.startswith(n + ".") for n in names)]
+        return names
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for path, module in modules.items():
+        if classifier is not None and module is classifier and not isinstance(module, nn.Identity):
+            return [path]
+        if classifier is None and path in ("classifier", "score"):
+            return [path]
+    return []
+
+
+def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterModule], name: str) -> list[Target]:
+    """Resolve ``config`` against ``model`` into targets; every pattern must match, or the error lists candidates."""
+    modules = dict(walk(model))
+    heads = find_heads(model, config)
+    in_head = lambda p: any(p == h or p.startswith(h + ".") for h in heads)  # noqa: E731
+    chosen: dict[tuple[str, str], None] = {}  # ordered set of (path, part)
+
+    def add(path: str, parts: tuple[str, ...] | None, source: str, strict: bool) -> bool:
+        module = modules[path]
+        kind = kind_of(module)
+        if "module" not in method.wraps and kind not in method.wraps:
+            if strict:
+                raise ValueError(
+                    f"{source} matched {path!r} ({type(module).__name__}), but {name!r} adapts only "
+                    f"{', '.join(method.wraps)} modules."
+                )
+            return False
+        if kind == "mha" and parts is None and strict:
+            raise ValueError(f"{source} matched nn.MultiheadAttention {path!r}: name its projections, "
+                             f"e.g. '{path}[q,v]' or '{path}.out_proj'.")  # fmt: skip
+        if parts is not None:
+            available = fused_parts(module)
+            bad = [p for p in parts if p not in available]
+            if bad:
+                if strict:
+                    raise ValueError(
+                        f"{source}: {path!r} ({type(module).__name__}) has no slice {bad[0]!r}; "
+                        + (f"its slices are {list(available)}." if available else "it is not a fused projection.")
+                    )
+                return False
+        if not method.accepts(_target(path, module, parts[0] if parts else WHOLE), config):
+            return False
+        for part in parts or (WHOLE,):
+            chosen[(path, part)] = None
+        return True
+
+    for entry in config.targets:
+        strict = entry not in ROLES
+        hit = False
+        for pattern in ROLES.get(entry, (entry,)):
+            base, parts = _split(pattern)
+            _check_regex(base)
+            for path in (p for p in modules if name_matches(p, base) and not in_head(p)):
+                if _is_mha_out_proj(path, modules):  # adapted through its nn.MultiheadAttention parent
+                    hit |= add(path.rsplit(".", 1)[0], ("out_proj",), f"target {entry!r}", strict)
+                else:
+                    hit |= add(path, parts, f"target {entry!r}", strict)
+        if not hit:
+            what = f"role {entry!r} (conventions: {', '.join(ROLES[entry])})" if entry in ROLES else f"{entry!r}"
+            raise ValueError(_no_match(f"target {what}", modules))
+    if config.target_types:
+        typed = [p for p, m in modules.items() if type(m).__name__ in config.target_types and not in_head(p)]
+        if not typed:
+            raise ValueError(f"target_types {list(config.target_types)} match no module; types in the model: "
+                             f"{sorted({type(m).__name__ for m in modules.values()})}.")  # fmt: skip
+        if config.targets:
+            keep = set(typed)
+            chosen = {k: None for k in chosen if k[0] in keep}
+        else:
+            for path in typed:
+                add(path, None, "target_types", strict=False)
+
+    for pattern in config.exclude:
+        base, parts = _split(pattern)
+        _check_regex(base)
+        dropped = [k for k in chosen if name_matches(k[0], base) and (parts is None or k[1] in parts)]
+        if not any(name_matches(p, base) for p in modules):
+            raise ValueError(_no_match(f"exclude pattern {pattern!r}", modules))
+        for k in dropped:
+            del chosen[k]
+    if config.layers is not None:
+        present = {block_index(p) for p, _ in chosen} - {None}
+        missing = sorted(set(config.layers) - present)
+        if missing:
+            raise ValueError(f"layers {missing} hold no target; the targets sit in blocks {sorted(present)}.")
+        chosen = {k: None for k in chosen if block_index(k[0]) in set(config.layers)}
+
+    if not chosen and method.needs_targets:
+        raise ValueError(f"method {name!r} found no target module after excludes and layer filters.")
+    targets = [_target(path, modules[path], part) for path, part in chosen]
+    for i, t in enumerate(targets):
+        t.position, t.count = i, len(targets)
+    return targets
+
+
+def _target(path: str, module: nn.Module, part: str) -> Target:
+    return Target(path, module, part, kind_of(module), block_index(path))
+
+
+def _is_mha_out_proj(path: str, modules: dict[str, nn.Module]) -> bool:
+    parent = path.rsplit(".", 1)[0]
+    return path.endswith(".out_proj") and isinstance(modules.get(parent), nn.MultiheadAttention)
+
+
+def _no_match(what: str, modules: dict[str, nn.Module]) -> str:
+    names = list(modules)
+    close = difflib.get_close_matches(what.split("'")[1] if "'" in what else what, names, n=5, cutoff=0.3)
+    examples = close or names[:8]
+    listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in examples)
+    return f"{what} matches no module. Closest module names: {listed}."

@@ -1,0 +1,42 @@
+"""The two reference points of every PEFT table: linear probing and full fine-tuning.
+
+* ``linear``: the backbone is frozen and only the task head trains (VPT's "Linear" row; 0 parameters besides the
+  head). Merging puts the trained head in place of the original.
+* ``full``: every parameter trains in place (VPT's "Full" row). There is no frozen base to return to, so it cannot be
+  disabled or unmerged, and its adapter file holds the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..core import AdapterModule, MethodConfig
+
+
+@dataclass
+class LinearProbeConfig(MethodConfig):
+    pass
+
+
+class LinearProbe(AdapterModule):
+    Config = LinearProbeConfig
+    needs_targets = False
+    mergeable = True
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    head: tuple[str, ...] | None = ()  # the head trains in place with everything else
+
+
+class Full(AdapterModule):
+    Config = FullConfig
+    needs_targets = False
+    mergeable = True
+    restorable = False
+
+    @classmethod
+    def trainable_base(cls, config: FullConfig, model: nn.Module) -> list[str]:
+        return [name for name, _ in model.named_parameters()]

@@ -1,0 +1,71 @@
+"""LoRA: low-rank adaptation (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022,
+arXiv:2106.09685).
+
+    h = W0 x + (alpha / r) * B A x,    A in R^{r x d_in} (Kaiming-uniform), B in R^{d_out x r} (zeros)
+
+so the adapted model equals the base model at initialisation, and ``W0 + (alpha / r) B A`` merges exactly.
+Defaults are the VTAB-1k leaderboard setting (NOAH lineage): r = 8 on the query and value projections, no extra
+scaling (alpha = r) and dropout 0.1 on the LoRA input. On a fused ``qkv`` each of q and v gets its own A and B, so
+the key output is untouched: 2 * 12 * 8 * (768 + 768) = 294,912 parameters on ViT-B/16.
+Wraps Linear (and HF Conv1D), fused-projection slices, Conv2d (A is a conv with the base kernel, B a 1x1 conv) and
+nn.MultiheadAttention projections (through their merged weights; dropout does not apply there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import AdapterModule, MethodConfig, Target
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    targets: tuple[str, ...] = ("q", "v")
+    r: int = 8
+    alpha: float = 8.0  # the update is scaled by alpha / r
+    dropout: float = 0.1
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora option r must be >= 1, got {self.r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora option dropout must be in [0, 1), got {self.dropout}.")
+
+
+class LoRA(AdapterModule):
+    Config = LoRAConfig
+    wraps = ("linear", "conv2d", "mha")
+    mergeable = True
+
+    def __init__(self, target: Target, config: LoRAConfig, shared: nn.Module | None = None):
+        super().__init__(target, config, shared)
+        base, r = target.module, config.r
+        self.scale = config.alpha / r
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.conv = None
+        if target.kind == "conv2d":
+            if base.groups != 1 or base.padding_mode != "zeros":
+                raise ValueError(f"lora on Conv2d {target.name!r} supports groups=1 and padding_mode='zeros', got "
+                                 f"groups={base.groups}, padding_mode={base.padding_mode!r}.")  # fmt: skip
+            self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+            self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *base.kernel_size))  # (r, in, kh, kw)
+        else:
+            self.lora_A = nn.Parameter(torch.empty(r, target.in_features))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(target.out_features, r))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the reference code
+
+    def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
+        x = self.dropout(x)
+        if self.conv is not None:
+            h = F.conv2d(x, self.lora_A, **self.conv)  # (B, r, H', W')
+            return y + self.scale * F.conv2d(h, self.lora_B[:, :, None, None])
+        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        delta = self.lora_B @ self.lora_A.flatten(1)  # (out, in * kh * kw)
+        return self.scale * delta.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
