@@ -145,6 +145,8 @@ def _wrapper(model: nn.Module, path: str, switch: Switch, head: bool = False) ->
     parent, attr = _locate(model, path)
     child = parent._modules[attr]
     if isinstance(child, Adapted):
+        if isinstance(child, HeadCopies) != head:
+            raise ValueError(f"{path!r} is a head of one adapter and a target of another; exclude it from one.")
         return child
     if head:
         wrapper: Adapted = HeadCopies(child, switch)

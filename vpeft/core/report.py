@@ -24,9 +24,9 @@ class Report:
 
     def __str__(self) -> str:
         width = max([len(r[0]) for r in self.rows] + [len(h[0]) for h in self.heads] + [24])
-        lines = [f"vpeft: method {self.method!r}, adapter {self.adapter!r}", f"{'target':<{width}}  {'type':<12} params"]
-        lines += [f"{name:<{width}}  {kind:<12} {n:,}" for name, kind, n in self.rows]
-        lines += [f"{name:<{width}}  {'head':<12} {n:,}" for name, n in self.heads]
+        lines = [f"vpeft: method {self.method!r}, adapter {self.adapter!r}", f"{'target':<{width}}  {'type':<18} params"]
+        lines += [f"{name:<{width}}  {kind:<18} {n:,}" for name, kind, n in self.rows]
+        lines += [f"{name:<{width}}  {'head':<18} {n:,}" for name, n in self.heads]
         pct = 100.0 * self.trainable / max(self.base_total, 1)
         lines.append(
             f"{len(self.rows)} targets; trainable {self.trainable:,} without head ({pct:.3f}% of {self.base_total:,}),"

@@ -148,6 +148,8 @@ def find_heads(model: nn.Module, config: MethodConfig) -> list[str]:
             names += [h for h in hits if h not in names and not any(h.startswith(n + ".") for n in names)]
         return names
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, Adapted):  # a head another adapter already copies
+        classifier = classifier.base_layer
     for path, module in modules.items():
         if classifier is not None and module is classifier and not isinstance(module, nn.Identity):
             return [path]
@@ -192,13 +194,17 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
             chosen[(path, part)] = None
         return True
 
+    typed = [p for p, m in modules.items() if type(m).__name__ in config.target_types and not in_head(p)]
+    if config.target_types and not typed:
+        raise ValueError(f"target_types {list(config.target_types)} match no module; types in the model: "
+                         f"{sorted({type(m).__name__ for m in modules.values()})}.")  # fmt: skip
     for entry in config.targets:
         strict = entry not in ROLES
         hit = False
         for pattern in ROLES.get(entry, (entry,)):
             base, parts = _split(pattern)
             _check_regex(base)
-            for path in (p for p in modules if name_matches(p, base) and not in_head(p)):
+            for path in (p for p in (typed or modules) if name_matches(p, base) and not in_head(p)):
                 if _is_mha_out_proj(path, modules):  # adapted through its nn.MultiheadAttention parent
                     hit |= add(path.rsplit(".", 1)[0], ("out_proj",), f"target {entry!r}", strict)
                 else:
@@ -206,17 +212,9 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
         if not hit:
             what = f"role {entry!r} (conventions: {', '.join(ROLES[entry])})" if entry in ROLES else f"{entry!r}"
             raise ValueError(_no_match(f"target {what}", modules))
-    if config.target_types:
-        typed = [p for p, m in modules.items() if type(m).__name__ in config.target_types and not in_head(p)]
-        if not typed:
-            raise ValueError(f"target_types {list(config.target_types)} match no module; types in the model: "
-                             f"{sorted({type(m).__name__ for m in modules.values()})}.")  # fmt: skip
-        if config.targets:
-            keep = set(typed)
-            chosen = {k: None for k in chosen if k[0] in keep}
-        else:
-            for path in typed:
-                add(path, None, "target_types", strict=False)
+    if config.target_types and not config.targets:
+        for path in typed:
+            add(path, None, "target_types", strict=False)
 
     for pattern in config.exclude:
         base, parts = _split(pattern)
