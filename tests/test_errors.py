@@ -90,7 +90,9 @@ def test_load_into_other_architecture_names_tensor_and_shapes(tmp_path):
     vpeft.save_adapter(model, tmp_path / "a")
     wider = timm_vit(embed_dim=96)
     before = snapshot(wider)
-    with pytest.raises(ValueError, match=r"shape mismatches.*blocks.0.attn.qkv.q.lora_A: saved \(8, 64\), model \(8, 96\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches.*blocks.0.attn.qkv.q.lora_A: saved \(8, 64\), model \(8, 96\)"
+    ):
         vpeft.load_adapter(wider, tmp_path / "a")
     assert_unchanged(wider, before)
 

@@ -38,19 +38,29 @@ def test_default_lora_targets_are_q_and_v_slices_of_every_block():
 def test_regex_layers_and_exclude():
     model = tiny_vit()
     assert targets(model, targets=[r"blocks\.\d+\.mlp\.fc\d"], exclude=["blocks.1.mlp.fc2"]) == [
-        "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1"]  # fmt: skip
-    assert targets(tiny_vit(), targets=["attn.proj", "mlp.fc2"], layers=[1]) == ["blocks.1.attn.proj",
-                                                                                  "blocks.1.mlp.fc2"]  # fmt: skip
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+        "blocks.1.mlp.fc1",
+    ]
+    assert targets(tiny_vit(), targets=["attn.proj", "mlp.fc2"], layers=[1]) == [
+        "blocks.1.attn.proj",
+        "blocks.1.mlp.fc2",
+    ]
 
 
 def test_exclude_wins_over_slices():
     assert targets(tiny_vit(), targets=["attn.qkv[q,k,v]"], exclude=["attn.qkv[k]"]) == [
-        f"blocks.{i}.attn.qkv[{p}]" for i in range(2) for p in "qv"]  # fmt: skip
+        f"blocks.{i}.attn.qkv[{p}]" for i in range(2) for p in "qv"
+    ]
 
 
 def test_select_by_type_intersects_with_names():
     assert targets(tiny_vit(), target_types=["Linear"], targets=[r"blocks\.0\..*"]) == [
-        "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]  # fmt: skip
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    ]
     everything = targets(tiny_vit(), target_types=["Linear"], targets=[])
     assert "head" not in everything and len(everything) == 8  # the head is never a target
 

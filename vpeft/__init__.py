@@ -1,9 +1,9 @@
 """vpeft: parameter-efficient fine-tuning of vision and medical-imaging foundation models.
 
-    import timm, vpeft
-    model = timm.create_model("vit_base_patch16_224", num_classes=100)
-    print(vpeft.apply_method(model, "lora"))     # VTAB-1k defaults: r=8 on q and v
-    vpeft.save_adapter(model, "out/adapter")
+import timm, vpeft
+model = timm.create_model("vit_base_patch16_224", num_classes=100)
+print(vpeft.apply_method(model, "lora"))     # VTAB-1k defaults: r=8 on q and v
+vpeft.save_adapter(model, "out/adapter")
 """
 
 from .api import (
@@ -11,6 +11,8 @@ from .api import (
     apply_method,
     delete_adapter,
     disabled,
+    export_hf_peft,
+    import_hf_peft,
     list_methods,
     load_adapter,
     merge,
@@ -29,6 +31,8 @@ __all__ = [
     "apply_method",
     "delete_adapter",
     "disabled",
+    "export_hf_peft",
+    "import_hf_peft",
     "list_methods",
     "load_adapter",
     "merge",

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .core import Report, build_config, inject, io
+from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS
 from .registry import lookup
 

@@ -74,7 +74,7 @@ def test_multihead_attention_equals_attention_with_updated_projections(batch_fir
     reference = copy.deepcopy(mha)
     with torch.no_grad():
         for i, p in ((0, "q"), (2, "v")):
-            reference.in_proj_weight[8 * i: 8 * (i + 1)] += parts[p].scale * parts[p].lora_B @ parts[p].lora_A
+            reference.in_proj_weight[8 * i : 8 * (i + 1)] += parts[p].scale * parts[p].lora_B @ parts[p].lora_A
         reference.out_proj.weight += parts["out_proj"].scale * parts["out_proj"].lora_B @ parts["out_proj"].lora_A
     x = torch.randn(3, 5, 8)
     got = model.attn(x, x, x)[0]

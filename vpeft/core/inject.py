@@ -115,10 +115,11 @@ def add_adapter(
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         state = PeftState(Switch(), flags)
         model.__dict__[STATE] = state
-    state.adapters[adapter_name] = AdapterRecord(method, method_cls, config, [t.key for t in targets], heads,
-                                                 trainable_base)  # fmt: skip
+    state.adapters[adapter_name] = AdapterRecord(
+        method, method_cls, config, [t.key for t in targets], heads, trainable_base
+    )
     try:
-        for target, layer in zip(targets, layers):
+        for target, layer in zip(targets, layers, strict=True):
             parts = _wrapper(model, target.name, state.switch).adapters
             if adapter_name not in parts:
                 parts[adapter_name] = nn.ModuleDict()
@@ -255,8 +256,10 @@ def merge(model: nn.Module) -> None:
             "a change of the wrapped layers' weights. Keep it unmerged, or save it with vpeft.save_adapter."
         )
     if len(state.adapters) > 1:
-        raise ValueError(f"merge folds one adapter into weights that all adapters share; the model has "
-                         f"{list(state.adapters)}: delete the others first (vpeft.delete_adapter).")  # fmt: skip
+        raise ValueError(
+            f"merge folds one adapter into weights that all adapters share; the model has "
+            f"{list(state.adapters)}: delete the others first (vpeft.delete_adapter)."
+        )
     taken = []
     for path, parent, attr, wrapper in list(wrappers(model)):
         if isinstance(wrapper, HeadCopies):
@@ -291,8 +294,10 @@ def unmerge(model: nn.Module) -> None:
 def _check_restorable(state: PeftState, action: str) -> None:
     record = state.adapters[state.switch.active]
     if not record.method_cls.restorable:
-        raise ValueError(f"cannot {action}: method {record.method!r} trains the base weights in place, so there is "
-                         "no original model to return to.")  # fmt: skip
+        raise ValueError(
+            f"cannot {action}: method {record.method!r} trains the base weights in place, so there is "
+            "no original model to return to."
+        )
 
 
 def method_loss(model: nn.Module) -> Tensor | None:

@@ -98,15 +98,19 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: not a vpeft adapter directory (vpeft.save_adapter "
-                                "writes adapter_config.json and adapter_model.safetensors).")  # fmt: skip
+        raise FileNotFoundError(
+            f"{config_path} does not exist: not a vpeft adapter directory (vpeft.save_adapter "
+            "writes adapter_config.json and adapter_model.safetensors)."
+        )
     meta = json.loads(config_path.read_text())
     if meta.get("format") != FORMAT:
         hint = " It looks like a Hugging Face PEFT adapter: use vpeft.import_hf_peft." if "peft_type" in meta else ""
         raise ValueError(f"{config_path} is not a vpeft adapter config (format {meta.get('format')!r}).{hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_path} has format_version {meta['format_version']}; this vpeft reads up to "
-                         f"{FORMAT_VERSION}. Upgrade vpeft.")  # fmt: skip
+        raise ValueError(
+            f"{config_path} has format_version {meta['format_version']}; this vpeft reads up to "
+            f"{FORMAT_VERSION}. Upgrade vpeft."
+        )
     return meta, load_file(str(directory / WEIGHTS_FILE))
 
 
@@ -115,13 +119,18 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], source
     live = adapter_tensors(model, name)
     missing = sorted(set(live) - set(tensors))
     unexpected = sorted(set(tensors) - set(live))
-    mismatched = [(k, tuple(tensors[k].shape), tuple(live[k].shape)) for k in live if k in tensors
-                  and tensors[k].shape != live[k].shape]  # fmt: skip
+    mismatched = [
+        (k, tuple(tensors[k].shape), tuple(live[k].shape))
+        for k in live
+        if k in tensors and tensors[k].shape != live[k].shape
+    ]
     if missing or unexpected or mismatched:
         lines = [f"the adapter in {source} does not fit this model ({type(model).__qualname__}):"]
         if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatches, e.g. "
-                         + "; ".join(f"{k}: saved {a}, model {b}" for k, a, b in mismatched[:5]))  # fmt: skip
+            lines.append(
+                f"  {len(mismatched)} shape mismatches, e.g. "
+                + "; ".join(f"{k}: saved {a}, model {b}" for k, a, b in mismatched[:5])
+            )
         if missing:
             lines.append(f"  {len(missing)} tensors the model expects are not in the file, e.g. {missing[:5]}")
         if unexpected:

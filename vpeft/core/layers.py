@@ -167,28 +167,64 @@ class Adapted(nn.Module):
 
     @torch.no_grad()
     def fold(self, name: str, undo: bool = False) -> None:
-        """Merge (or with ``undo``, unmerge) adapter ``name`` into the base weights in place."""
+        """Merge (or with ``undo``, unmerge) adapter ``name`` into the base weights in place.
+
+        Every new value is computed before any is written, so a failure leaves the weights as they were.
+        """
+        updates = []
         for part, module in self.adapters[name].items():
             weight, bias = self.weight_views(part)
             new_w, new_b = (module.unmerged if undo else module.merged)(weight, bias)
-            weight.copy_(new_w)
-            if bias is not None and new_b is not None:
-                bias.copy_(new_b)
-            elif new_b is not None:
+            if new_b is not None and bias is None:
                 raise ValueError(f"cannot merge a bias into {type(self.base_layer).__name__} without a bias")
+            updates.append((weight, new_w, bias, new_b))
+        for weight, new_w, bias, new_b in updates:
+            weight.copy_(new_w)
+            if new_b is not None:
+                bias.copy_(new_b)
 
 
 class AdaptedMHA(Adapted):
     """``nn.MultiheadAttention`` with weight-space adapters on its ``q``/``k``/``v`` in-projection and ``out_proj``."""
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         mha = self.base_layer
         parts = self.active_parts()
+        options = dict(
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         if parts is None:
-            return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                       attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)  # fmt: skip
+            return mha(query, key, value, **options)
+        whole = parts[WHOLE] if WHOLE in parts else None  # module-level adapters (parallel, sequential)
+        x = query
+        if whole is not None:
+            self_attention = key is query and value is query
+            query = whole.adapt_input(query)
+            key, value = (query, query) if self_attention else (key, value)
+        if len(parts) > (whole is not None):
+            out, weights = self._attention_with_merged_weights(parts, query, key, value, **options)
+        else:
+            out, weights = mha(query, key, value, **options)
+        return (whole.adapt_output(x, out) if whole is not None else out), weights
+
+    def _attention_with_merged_weights(
+        self, parts: nn.ModuleDict, query: Tensor, key: Tensor, value: Tensor, **options: Any
+    ) -> tuple[Tensor, Tensor | None]:
+        mha = self.base_layer
         in_w, in_b = [], []
         for part in ("q", "k", "v"):
             w, b = self.weight_views(part)
@@ -201,12 +237,22 @@ class AdaptedMHA(Adapted):
         if mha.batch_first:  # the functional form takes (seq, batch, dim)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         out, weights = F.multi_head_attention_forward(
-            query, key, value, mha.embed_dim, mha.num_heads, torch.cat(in_w),
-            torch.cat(in_b) if in_b[0] is not None else None, mha.bias_k, mha.bias_v, mha.add_zero_attn,
-            mha.dropout, out_w, out_b, training=mha.training, key_padding_mask=key_padding_mask,
-            need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            mha.embed_dim,
+            mha.num_heads,
+            torch.cat(in_w),
+            torch.cat(in_b) if in_b[0] is not None else None,
+            mha.bias_k,
+            mha.bias_v,
+            mha.add_zero_attn,
+            mha.dropout,
+            out_w,
+            out_b,
+            training=mha.training,
+            **options,
+        )
         return (out.transpose(0, 1) if mha.batch_first else out), weights
 
     def weight_views(self, part: str) -> tuple[Tensor, Tensor | None]:

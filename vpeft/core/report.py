@@ -24,7 +24,10 @@ class Report:
 
     def __str__(self) -> str:
         width = max([len(r[0]) for r in self.rows] + [len(h[0]) for h in self.heads] + [24])
-        lines = [f"vpeft: method {self.method!r}, adapter {self.adapter!r}", f"{'target':<{width}}  {'type':<18} params"]
+        lines = [
+            f"vpeft: method {self.method!r}, adapter {self.adapter!r}",
+            f"{'target':<{width}}  {'type':<18} params",
+        ]
         lines += [f"{name:<{width}}  {kind:<18} {n:,}" for name, kind, n in self.rows]
         lines += [f"{name:<{width}}  {'head':<18} {n:,}" for name, n in self.heads]
         pct = 100.0 * self.trainable / max(self.base_total, 1)

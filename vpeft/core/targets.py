@@ -42,26 +42,38 @@ class Target:
 
     @property
     def in_features(self) -> int:
+        """Input width; for a sub-block (timm ``Mlp``, ``Attention``, ``Block``) the input of its first Linear."""
         m = self.module
         if isinstance(m, nn.MultiheadAttention):
             return m.embed_dim
         if _is_conv1d(m):
             return m.weight.shape[0]
-        return getattr(m, "in_features", None) or getattr(m, "in_channels", None) or _width(m)
+        return getattr(m, "in_features", None) or getattr(m, "in_channels", None) or _width(m, first=True)
 
     @property
     def out_features(self) -> int:
+        """Output width (of the slice, for a fused projection); for a sub-block the output of its last Linear."""
         m = self.module
         if isinstance(m, nn.MultiheadAttention):
             return m.embed_dim
         full = m.nf if _is_conv1d(m) else getattr(m, "out_features", None) or getattr(m, "out_channels", None)
-        full = full or _width(m)
+        full = full or _width(m, first=False)
         return full if self.part == WHOLE else full // 3
 
 
-def _width(module: nn.Module) -> int:
-    shape = getattr(module, "normalized_shape", None) or (getattr(module, "num_features", None),)
-    return int(shape[-1]) if shape[-1] is not None else 0
+def _width(module: nn.Module, first: bool) -> int:
+    shape = getattr(module, "normalized_shape", None) or getattr(module, "num_features", None)
+    if shape is not None:
+        return int(shape[-1]) if isinstance(shape, (tuple, list)) else int(shape)
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+    if not linears:
+        raise ValueError(
+            f"cannot tell the width of {type(module).__name__}: it is no Linear, norm or conv and holds no Linear."
+        )
+    layer = linears[0] if first else linears[-1]
+    if _is_conv1d(layer):
+        return layer.weight.shape[0] if first else layer.nf
+    return layer.in_features if first else layer.out_features
 
 
 def kind_of(module: nn.Module) -> str:
@@ -83,7 +95,9 @@ def fused_parts(module: nn.Module) -> dict[str, slice]:
             return {}
         d = module.embed_dim
         return {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d), "out_proj": slice(0, d)}
-    out = module.nf if _is_conv1d(module) else getattr(module, "out_features", 0) if isinstance(module, nn.Linear) else 0
+    out = (
+        module.nf if _is_conv1d(module) else getattr(module, "out_features", 0) if isinstance(module, nn.Linear) else 0
+    )
     if out == 0 or out % 3:
         return {}
     d = out // 3
@@ -175,9 +189,11 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
                     f"{', '.join(method.wraps)} modules."
                 )
             return False
-        if kind == "mha" and parts is None and strict:
-            raise ValueError(f"{source} matched nn.MultiheadAttention {path!r}: name its projections, "
-                             f"e.g. '{path}[q,v]' or '{path}.out_proj'.")  # fmt: skip
+        if kind == "mha" and parts is None and strict and "mha" in method.wraps:
+            raise ValueError(
+                f"{source} matched nn.MultiheadAttention {path!r}: name its projections, "
+                f"e.g. '{path}[q,v]' or '{path}.out_proj'."
+            )
         if parts is not None:
             available = fused_parts(module)
             bad = [p for p in parts if p not in available]
@@ -196,15 +212,18 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
 
     typed = [p for p, m in modules.items() if type(m).__name__ in config.target_types and not in_head(p)]
     if config.target_types and not typed:
-        raise ValueError(f"target_types {list(config.target_types)} match no module; types in the model: "
-                         f"{sorted({type(m).__name__ for m in modules.values()})}.")  # fmt: skip
+        raise ValueError(
+            f"target_types {list(config.target_types)} match no module; types in the model: "
+            f"{sorted({type(m).__name__ for m in modules.values()})}."
+        )
     for entry in config.targets:
         strict = entry not in ROLES
         hit = False
         for pattern in ROLES.get(entry, (entry,)):
             base, parts = _split(pattern)
             _check_regex(base)
-            for path in (p for p in (typed or modules) if name_matches(p, base) and not in_head(p)):
+            candidates = (p for p in (typed or modules) if not isinstance(modules[p], nn.Identity))
+            for path in (p for p in candidates if name_matches(p, base) and not in_head(p)):
                 if _is_mha_out_proj(path, modules):  # adapted through its nn.MultiheadAttention parent
                     hit |= add(path.rsplit(".", 1)[0], ("out_proj",), f"target {entry!r}", strict)
                 else:

@@ -1,11 +1,22 @@
 """The method registry: one line per method. Tests and tools pick every entry up from here."""
 
 from ..core import AdapterModule
-from . import baselines, bitfit, lora
+from . import adapter, adaptformer, baselines, bitfit, convpass, dora, fact, ln_tune, lora, repadapter, ssf, vpt
 
 METHODS: dict[str, type[AdapterModule]] = {
     "full": baselines.Full,
     "linear": baselines.LinearProbe,
     "bitfit": bitfit.BitFit,
     "lora": lora.LoRA,
+    "adapter": adapter.Adapter,
+    "adaptformer": adaptformer.AdaptFormer,
+    "convpass": convpass.Convpass,
+    "vpt_shallow": vpt.VPTShallow,
+    "vpt_deep": vpt.VPTDeep,
+    "dora": dora.DoRA,
+    "ssf": ssf.SSF,
+    "ln_tune": ln_tune.LNTune,
+    "fact_tt": fact.FacTTT,
+    "fact_tk": fact.FacTTK,
+    "repadapter": repadapter.RepAdapter,
 }

@@ -50,8 +50,10 @@ class LoRA(AdapterModule):
         self.conv = None
         if target.kind == "conv2d":
             if base.groups != 1 or base.padding_mode != "zeros":
-                raise ValueError(f"lora on Conv2d {target.name!r} supports groups=1 and padding_mode='zeros', got "
-                                 f"groups={base.groups}, padding_mode={base.padding_mode!r}.")  # fmt: skip
+                raise ValueError(
+                    f"lora on Conv2d {target.name!r} supports groups=1 and padding_mode='zeros', got "
+                    f"groups={base.groups}, padding_mode={base.padding_mode!r}."
+                )
             self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
             self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *base.kernel_size))  # (r, in, kh, kw)
         else:

@@ -1,0 +1,116 @@
+"""AdaptFormer: a parallel bottleneck beside the MLP sub-block (Chen, Ge, Tong, Wang, Song, Wang and Luo,
+"AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition", NeurIPS 2022, arXiv:2205.13535).
+
+    x <- x + mlp(norm2(x)) + s * W_up dropout(relu(W_down x + b_down)) + s * b_up
+
+with ``x`` the residual stream after the attention sub-block (the official ``Block.forward`` feeds the adapter ``x``,
+not ``norm2(x)``). ``W_down`` (D -> d) is Kaiming-uniform (a = sqrt(5), the code's ``init_option="lora"``);
+``b_down``, ``W_up`` and ``b_up`` are zeros, so the adapted model equals the base model at initialisation. Defaults
+are the VTAB-1k leaderboard setting: d = 8 (the repo's image default is 64), s = 0.1, ReLU, dropout 0.1, no adapter
+LayerNorm. Parameters on ViT-B/16: 12 * (768 * 8 + 8 + 8 * 768 + 768) = 156,768. Not mergeable (ReLU).
+
+Placement. A wrapper sees only its own module's input, and ``mlp`` sees ``norm2(x)``. To read ``x`` itself, the
+default targets are ``("mlp", "norm2")``: the wrapper on ``norm2`` (no parameters) hands its input, the residual stream,
+to the adapter on the ``mlp`` of the same block, which adds ``s * f(x)`` to the MLP output. The pairing is by parent
+module (``blocks.3.norm2`` feeds ``blocks.3.mlp``) and every MLP target must have its norm, or vice versa, else the
+adapter is refused. With ``targets=("mlp",)`` (no norm targets) the adapter reads the MLP input ``norm2(x)`` instead:
+a common reimplementation (PETL_Vision's ``ft_mlp_ln="after"``), not the official one.
+
+Against the official code: the official adapter output is not drop-pathed; here it joins the MLP output inside the
+block, so timm's drop path (when training with one) and LayerScale (absent on ViT-B) act on both together. The two
+agree whenever drop path is off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import AdapterModule, MethodConfig, Target
+
+
+@dataclass
+class AdaptFormerConfig(MethodConfig):
+    targets: tuple[str, ...] = ("mlp", "norm2")  # norm2 taps the residual stream, see the module docstring
+    dim: int = 8  # bottleneck width
+    scale: float = 0.1  # s
+    dropout: float = 0.1  # after the ReLU
+
+    def check(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"adaptformer option dim must be >= 1, got {self.dim}.")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"adaptformer option scale must be a finite number, got {self.scale}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adaptformer option dropout must be in [0, 1), got {self.dropout}.")
+
+
+class _ResidualTaps(nn.Module):
+    """Shared by an adapter's targets: which MLPs have a norm tap, and the tensors tapped in the current forward."""
+
+    def __init__(self, parents: set[str]):
+        super().__init__()
+        self.parents = parents
+        self.__dict__["stash"] = {}  # (parent, device) -> the norm's input; never saved
+
+
+def _parent(target: Target) -> str:
+    return target.name.rsplit(".", 1)[0] if "." in target.name else ""
+
+
+class AdaptFormer(AdapterModule):
+    Config = AdaptFormerConfig
+    wraps = ("module", "linear", "norm")
+    mergeable = False
+
+    def __init__(self, target: Target, config: AdaptFormerConfig, shared: nn.Module | None = None):
+        super().__init__(target, config, shared)
+        self.parent = _parent(target)
+        self.tap = target.kind == "norm"
+        self.reads_residual = shared is not None
+        if self.tap:
+            return  # a tap holds no tensors: it only passes the residual stream on
+        width = target.out_features
+        if self.reads_residual and target.in_features != width:
+            raise ValueError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
+        self.scale = config.scale
+        self.down = nn.Linear(width, config.dim)  # (dim, D)
+        self.up = nn.Linear(config.dim, width)  # (D, dim)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @classmethod
+    def build_shared(cls, config: AdaptFormerConfig, targets: list[Target]) -> nn.Module | None:
+        taps = {_parent(t) for t in targets if t.kind == "norm"}
+        if not taps:
+            return None  # no norm targets: the adapters read their module's input
+        mlps = {_parent(t) for t in targets if t.kind != "norm"}
+        taps_by_parent = [_parent(t) for t in targets if t.kind == "norm"]
+        lonely = sorted((taps ^ mlps) | {p for p in taps if taps_by_parent.count(p) > 1})
+        if lonely:
+            raise ValueError(
+                "adaptformer pairs each MLP with one norm of the same block (its input is the residual stream the "
+                f"norm reads); unpaired or ambiguous in {lonely}. Target both (default targets=('mlp', 'norm2')) or "
+                "only the MLPs (targets=('mlp',), which reads norm2(x))."
+            )
+        return _ResidualTaps(taps)
+
+    def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.tap:
+            self.shared.stash[(self.parent, x.device)] = x  # (B, N, D), read by the MLP of this block
+            return y
+        if self.reads_residual:
+            x = self.shared.stash.pop((self.parent, x.device), None)
+            if x is None:
+                raise RuntimeError(
+                    f"adaptformer: the MLP of {self.parent!r} ran without its norm first; it reads the residual "
+                    "stream the norm sees (targets=('mlp',) reads the MLP input instead)."
+                )
+        h = self.dropout(F.relu(self.down(x)))  # (B, N, D) -> (B, N, dim)
+        return y + self.scale * self.up(h)  # (B, N, D)

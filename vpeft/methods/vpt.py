@@ -1,0 +1,107 @@
+"""VPT: visual prompt tuning, shallow and deep (Jia, Tang, Chen, Cardie, Belongie, Hariharan and Lim, "Visual Prompt
+Tuning", ECCV 2022, arXiv:2203.12119), in the paper's "prepend" form (the official KMnP/vpt code).
+
+    shallow: [c_1, Z_1, E_1] = L_1([c_0, P, E_0]),        [c_i, Z_i, E_i] = L_i([c_{i-1}, Z_{i-1}, E_{i-1}])
+    deep:    [c_i, _, E_i]   = L_i([c_{i-1}, P_{i-1}, E_{i-1}])   for every block i
+
+``P`` (p tokens of width D, no position embedding) sits after the prefix (class) tokens and before the patch tokens
+``E``. The first targeted block inserts it into its input; in deep mode every later block overwrites those p slots
+with its own set; the last targeted block strips the p tokens from its output, so what follows (the final norm, the
+pooling, the head) sees the original tokens. The official code never strips: its final LayerNorm is per-token and its
+head reads the class token only, so stripping gives the same logits; it also keeps prompts out of an average pool.
+
+Init U(-v, v) with v = sqrt(6 / (3 * patch * patch + D)) (the official "xavier" value; 0.0625 on ViT-B/16), where
+``patch_size`` is an option (the wrapped blocks cannot see the patch embedding; default 16). Prompt dropout 0.1 on the
+prompts at every insertion (the released VTAB launch commands; the config file default is 0). The number of prompts
+is tuned per task in the paper (p in {1, 5, 10, 50, 100, 200}) and the per-task table is lost; the defaults here are
+the common fixed choices, p = 50 (shallow) and p = 10 (deep). Parameters on ViT-B/16: shallow 768 p (38,400 at
+p = 50), deep 12 * 768 p (92,160 at p = 10). Not mergeable (extra tokens), and not the identity at initialisation.
+
+``num_prefix_tokens`` (default 1, the class token) says where the prompts go; set timm's ``model.num_prefix_tokens``
+for models with register or distillation tokens. Attention masks passed to the blocks are not extended for the
+prompts. Shallow VPT places zero-parameter modules on the middle blocks (they just pass the sequence on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core import AdapterModule, MethodConfig, Target
+
+
+@dataclass
+class VPTShallowConfig(MethodConfig):
+    targets: tuple[str, ...] = ("block",)
+    num_prompts: int = 50  # p, tuned per task in the paper
+    dropout: float = 0.1  # on the prompt tokens
+    patch_size: int = 16  # only sets the init range
+    num_prefix_tokens: int = 1  # prompts go after these (the class token)
+
+    def check(self) -> None:
+        name = "vpt_deep" if isinstance(self, VPTDeepConfig) else "vpt_shallow"
+        if self.num_prompts < 1:
+            raise ValueError(f"{name} option num_prompts must be >= 1, got {self.num_prompts}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{name} option dropout must be in [0, 1), got {self.dropout}.")
+        if self.patch_size < 1:
+            raise ValueError(f"{name} option patch_size must be >= 1, got {self.patch_size}.")
+        if self.num_prefix_tokens < 0:
+            raise ValueError(f"{name} option num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}.")
+
+
+@dataclass
+class VPTDeepConfig(VPTShallowConfig):
+    num_prompts: int = 10
+
+
+def _block_width(target: Target) -> int:
+    """The token width of a transformer block: its first LayerNorm's, else its first Linear's input."""
+    for m in target.module.modules():
+        if isinstance(m, nn.LayerNorm):
+            return int(m.normalized_shape[-1])
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    raise ValueError(f"vpt cannot tell the token width of {target.name!r} ({type(target.module).__name__}).")
+
+
+class VPTShallow(AdapterModule):
+    Config = VPTShallowConfig
+    wraps = ("module",)
+    mergeable = False
+    identity_at_init = False
+    deep = False
+
+    def __init__(self, target: Target, config: VPTShallowConfig, shared: nn.Module | None = None):
+        super().__init__(target, config, shared)
+        self.p, self.prefix = config.num_prompts, config.num_prefix_tokens
+        self.first, self.last = target.position == 0, target.position == target.count - 1
+        self.prompts = None
+        if self.first or self.deep:
+            width = _block_width(target)
+            self.prompts = nn.Parameter(torch.empty(self.p, width))  # (p, D)
+            v = math.sqrt(6.0 / (3 * config.patch_size**2 + width))
+            nn.init.uniform_(self.prompts, -v, v)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and self.prompts is not None else nn.Identity()
+
+    def adapt_input(self, x: Tensor) -> Tensor:
+        if self.prompts is None:
+            return x  # shallow, past the first block: the prompts travel with the sequence
+        b, k = x.shape[0], self.prefix
+        prompts = self.dropout(self.prompts).to(x.dtype).expand(b, -1, -1)  # (p, D) -> (B, p, D)
+        rest = x[:, k:] if self.first else x[:, k + self.p :]  # insert, or overwrite the previous block's p slots
+        return torch.cat([x[:, :k], prompts, rest], dim=1)  # (B, k + p + N, D)
+
+    def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
+        if not self.last:
+            return y
+        k = self.prefix
+        return torch.cat([y[:, :k], y[:, k + self.p :]], dim=1)  # (B, k + p + N, D) -> (B, k + N, D)
+
+
+class VPTDeep(VPTShallow):
+    Config = VPTDeepConfig
+    deep = True
