@@ -64,7 +64,7 @@ class Busiest(AdapterModule):
         return sum(layer.shift.pow(2).sum() for layer in layers)
 
     @classmethod
-    def on_step(cls, config, layers, step, total_steps):
+    def on_step(cls, config, layers, step, total_steps, optimizer=None):
         for layer in layers:
             layer.steps_seen = step
 

@@ -308,12 +308,23 @@ def method_loss(model: nn.Module) -> Tensor | None:
     return record.method_cls.loss(record.config, layers_of(model, name), shared_of(model, name))
 
 
-def on_step(model: nn.Module, step: int, total_steps: int) -> None:
+def on_step(model: nn.Module, step: int, total_steps: int, optimizer: Any = None) -> None:
     """Tell the active method that optimizer step ``step`` of ``total_steps`` is about to run."""
     state = state_of(model)
     name = state.switch.active
     record = state.adapters[name]
-    record.method_cls.on_step(record.config, layers_of(model, name), step, total_steps)
+    record.method_cls.on_step(record.config, layers_of(model, name), step, total_steps, optimizer)
+
+
+def no_weight_decay(model: nn.Module) -> set[int]:
+    """``id``s of the active adapter's parameters its method keeps out of weight decay (prompt tokens)."""
+    name = state_of(model).switch.active
+    return {
+        id(p)
+        for layer in layers_of(model, name)
+        for n, p in layer.named_parameters()
+        if n.rsplit(".", 1)[-1] in type(layer).no_weight_decay
+    }
 
 
 def report(model: nn.Module, name: str | None = None) -> Report:

@@ -59,6 +59,7 @@ class AdapterModule(nn.Module):
     restorable: ClassVar[bool] = True  # the base model survives (False for methods that train base tensors)
     needs_targets: ClassVar[bool] = True  # False for methods that only train the head or base tensors
     needs_calibration: ClassVar[bool] = False  # prepare() needs data batches
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()  # own parameter names kept out of weight decay (prompt tokens)
 
     def __init__(self, target: Target, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()
@@ -109,8 +110,11 @@ class AdapterModule(nn.Module):
         return None
 
     @classmethod
-    def on_step(cls, config: MethodConfig, layers: list[AdapterModule], step: int, total_steps: int) -> None:
-        """Called by the training loop before each optimizer step (rank schedules, annealing)."""
+    def on_step(
+        cls, config: MethodConfig, layers: list[AdapterModule], step: int, total_steps: int, optimizer: Any = None
+    ) -> None:
+        """Called by the training loop before each optimizer step (rank schedules; annealed weight decay edits the
+        ``optimizer``'s param groups)."""
 
 
 class Adapted(nn.Module):

@@ -69,6 +69,7 @@ def _block_width(target: Target) -> int:
 
 
 class VPTShallow(AdapterModule):
+    no_weight_decay = ("prompts",)  # tokens, like timm's cls_token and pos_embed
     Config = VPTShallowConfig
     wraps = ("module",)
     mergeable = False

@@ -1,0 +1,217 @@
+"""The training engine end to end on scikit-learn's digits with a tiny ViT (CPU, a few seconds per run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import vpeft
+from vpeft.engine import train as engine
+from vpeft.engine.config import load_config
+from vpeft.engine.model import build_model, load_pretrained, read_state_dict
+from vpeft.engine.optim import cosine_with_warmup, param_groups
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = """
+model:
+  name: vit_tiny_patch16_224
+  img_size: 32
+  kwargs: {patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}
+method:
+  name: lora
+data:
+  name: digits
+  batch_size: 128
+  num_workers: 0
+optim:
+  lr: 3.0e-3
+  warmup_epochs: 0.5
+train:
+  epochs: 2
+  log_every: 2
+  tensorboard: false
+"""
+
+
+def config(tmp_path: Path, *overrides: str):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return load_config(path, list(overrides))
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_summary_and_test_tool(tmp_path):
+    summary = engine.train(config(tmp_path), tmp_path / "run")
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "adapter", "summary.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert summary["trainable_params"] == 2 * 2 * 8 * (32 + 32) and summary["trainable_params_with_head"] == 2048 + 330
+    assert summary["test"] == json.loads((run / "summary.json").read_text())["test"]
+    assert summary["best_val"]["epoch"] in (1, 2) and torch.__version__.startswith(summary["versions"]["torch"])
+    train_losses = [r["loss"] for r in records(run) if "split" not in r]
+    assert len(train_losses) == 2 * math.ceil(1079 / 128) // 2 and all(math.isfinite(x) for x in train_losses)
+
+    import tools.test as test_tool  # the saved adapter reproduces the run's test metrics
+
+    test_tool.main([str(run)])
+    again = json.loads((run / "test_metrics.json").read_text())
+    assert again["top1"] == pytest.approx(summary["test"]["top1"]) and again["loss"] == pytest.approx(
+        summary["test"]["loss"], rel=1e-5
+    )
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    engine.train(config(tmp_path, "train.epochs=3"), tmp_path / "whole")
+
+    real_loader = engine._loader
+
+    def dying_loader(cfg, dataset, train, epoch=0):
+        loader = real_loader(cfg, dataset, train, epoch)
+        if not (train and epoch == 1):
+            return loader
+
+        class Dies:  # the second epoch is killed after three batches
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if i == 3:
+                        raise Interrupt
+                    yield batch
+
+        return Dies()
+
+    monkeypatch.setattr(engine, "_loader", dying_loader)
+    with pytest.raises(Interrupt):
+        engine.train(config(tmp_path, "train.epochs=3"), tmp_path / "split")
+    monkeypatch.setattr(engine, "_loader", real_loader)
+    resumed = engine.train(config(tmp_path, "train.epochs=3"), tmp_path / "split", resume=True)
+    assert records(tmp_path / "split") == records(tmp_path / "whole")
+    assert resumed["test"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["test"]
+
+
+def test_run_directory_guards(tmp_path):
+    engine.train(config(tmp_path, "train.epochs=1"), tmp_path / "run")
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        engine.train(config(tmp_path, "train.epochs=1"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"config differs from the run's in \['optim.lr'\].*--force"):
+        engine.train(config(tmp_path, "train.epochs=1", "optim.lr=0.1"), tmp_path / "run", resume=True)
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        engine.train(config(tmp_path), tmp_path / "nowhere", resume=True)
+
+
+def test_missing_dataset_path_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
+        engine.train(config(tmp_path, "data.name=folder", f"data.root={tmp_path / 'absent'}"), tmp_path / "run")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = vpeft.method_loss
+
+    def poisoned(model):
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] > 10 else real(model)
+
+    monkeypatch.setattr(vpeft, "method_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 10 \(epoch 2\).*checkpoint.pt"):
+        engine.train(config(tmp_path), tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["counters"]["epoch"] == 1 and saved["counters"]["step"] == 9
+
+
+def test_first_step_names_tensors_without_gradient(tmp_path, monkeypatch):
+    real_apply = vpeft.apply_method
+
+    def apply_and_add_unused(model, name, **kwargs):
+        report = real_apply(model, name, **kwargs)
+        layer = vpeft.core.inject.layers_of(model, "default")[0]
+        layer.unused = torch.nn.Parameter(torch.zeros(3))  # trainable, never in the forward pass
+        return report
+
+    monkeypatch.setattr(vpeft, "apply_method", apply_and_add_unused)
+    with pytest.raises(RuntimeError, match=r"got no gradient in the first step, e.g. \['blocks.0.attn.qkv.*unused'\]"):
+        engine.train(config(tmp_path), tmp_path / "run")
+
+
+def test_no_weight_decay_for_biases_norms_tokens_and_prompts():
+    model = build_model(
+        "vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    vpeft.apply_method(model, "full")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "pos_embed", "norm.weight", "head.bias"}
+    assert all(p.ndim > 1 for p in decay["params"]) and "head.weight" in {names[id(p)] for p in decay["params"]}
+    prompted = build_model(
+        "vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    vpeft.apply_method(prompted, "vpt_deep")
+    groups = param_groups(prompted, 0.1)
+    prompts = [p for n, p in prompted.named_parameters() if n.endswith("prompts")]
+    assert prompts and all(any(p is q for q in groups[-1]["params"]) for p in prompts)
+    assert groups[-1]["weight_decay"] == 0.0
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = cosine_with_warmup(opt, total_steps=12, warmup_steps=4, min_lr=0.0)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)])
+
+
+def test_checkpoint_loading_strips_wrappers_and_replaces_the_head(tmp_path):
+    source = build_model(
+        "vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ddp.pth")
+    target = build_model(
+        "vit_tiny_patch16_224",
+        num_classes=4,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        pretrained=str(tmp_path / "ddp.pth"),
+    )
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert target.head.weight.shape == (4, 32)
+    wrong = build_model(
+        "vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+    )
+    with pytest.raises(ValueError, match=r"1 missing|missing \(e.g. \['blocks.1"):
+        load_pretrained(wrong, tmp_path / "ddp.pth")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": Exploit()}, f)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        read_state_dict(tmp_path / "evil.pth")
+    assert "this pickle ran code" not in capsys.readouterr().out

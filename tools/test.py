@@ -1,0 +1,47 @@
+"""Evaluate a finished run's adapter on its test split and write ``test_metrics.json`` into the run directory.
+
+python tools/test.py runs/x [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import vpeft
+from vpeft.core.io import atomic_write
+from vpeft.data import build_loader
+from vpeft.engine.config import load_config
+from vpeft.engine.evaluate import evaluate
+from vpeft.engine.train import CONFIG, build_run, resolve_device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / CONFIG).is_file():
+        parser.error(f"{args.run_dir / CONFIG} does not exist: {args.run_dir} is not a run directory")
+    cfg = load_config(args.run_dir / CONFIG, [f"data.test_split={args.split}"] if args.split else [])
+    model, datasets, _ = build_run(cfg)
+    vpeft.load_adapter(model, args.run_dir / "adapter")
+    device = resolve_device(cfg.train.device)
+    loader = build_loader(
+        datasets["test"],
+        cfg.data.eval_batch_size or cfg.data.batch_size,
+        train=False,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+    )
+    metrics = {"split": cfg.data.test_split, **evaluate(model.to(device), loader, device)}
+    out = args.run_dir / "test_metrics.json"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The training loop: one function, :func:`train`, from a validated run config to a run directory.
+
+Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pt`` (each epoch,
+atomic), ``adapter/`` (the core's adapter files, each epoch) and ``summary.json`` at the end. ``resume=True``
+continues from the last checkpoint with the same data order, RNG streams and schedule, so on CPU the loss curve equals
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import vpeft
+
+from ..core import io
+from ..data import build_dataset, build_loader, build_transform
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import RunConfig, config_diff, dump_config, load_config
+from .evaluate import evaluate
+from .logger import MetricsLog
+from .model import build_model
+from .optim import build_optimizer, cosine_with_warmup
+from .system import environment, peak_memory_mb, reset_peak_memory
+
+log = logging.getLogger("vpeft")
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``summary.json``)."""
+    run_dir = Path(run_dir)
+    _check_run_dir(cfg, run_dir, resume, force)
+    device = resolve_device(cfg.train.device)
+    start = time.perf_counter()
+
+    model, datasets, data_config = build_run(cfg)
+    calibration = _calibration_batches(cfg, datasets["train"]) if _needs_calibration(cfg) else None
+    report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **cfg.method.options)
+    log.info("%s", report)
+    model.to(device)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    steps_per_epoch = math.ceil(len(_loader(cfg, datasets["train"], train=True, epoch=0)) / cfg.optim.accumulate)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    scheduler = cosine_with_warmup(optimizer, total_steps, warmup_steps, cfg.optim.min_lr)
+    autocast = _autocast(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+
+    counters = {"epoch": 0, "step": 0, "best": None, "images": 0, "train_seconds": 0.0}
+    metrics = MetricsLog(run_dir, cfg.train.tensorboard)
+    if resume:
+        counters = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler)
+        metrics.truncate_after(counters["step"])
+        log.info("vpeft: resumed %s at epoch %d, step %d", run_dir, counters["epoch"], counters["step"])
+    else:
+        dump_config(cfg, run_dir / CONFIG)
+    reset_peak_memory(device)
+
+    checked = False
+    for epoch in range(counters["epoch"], cfg.train.epochs):
+        model.train()
+        loader = _loader(cfg, datasets["train"], train=True, epoch=epoch)
+        tic, seen = time.perf_counter(), 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=None)
+        for i, (images, labels) in enumerate(bar):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast:
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+                extra = vpeft.method_loss(model)
+                if extra is not None:
+                    loss = loss + extra
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. The last good "
+                    f"checkpoint is {run_dir / CHECKPOINT}. Lower optim.lr or set optim.grad_clip."
+                )
+            (scaler.scale(loss) if scaler else loss).div(cfg.optim.accumulate).backward()
+            seen += labels.numel()
+            if (i + 1) % cfg.optim.accumulate and i + 1 != len(loader):
+                continue
+            if not checked:
+                check_gradients(model)
+                checked = True
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            vpeft.on_step(model, counters["step"], total_steps, optimizer)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            counters["step"] += 1
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(
+                loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}"
+            )
+            if counters["step"] % cfg.train.log_every == 0:
+                metrics.log({"step": counters["step"], "epoch": epoch + 1, "loss": loss.item(), "lr": lr})
+            if cfg.train.max_steps and counters["step"] >= cfg.train.max_steps:
+                break
+        counters["images"] += seen
+        counters["train_seconds"] += time.perf_counter() - tic
+        counters["epoch"] = epoch + 1
+        last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and counters["step"] >= cfg.train.max_steps)
+        if "val" in datasets and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+            val = evaluate(model, _loader(cfg, datasets["val"], train=False), device, autocast)
+            metrics.log({"step": counters["step"], "epoch": epoch + 1, "split": "val", **val})
+            if counters["best"] is None or val["top1"] > counters["best"]["top1"]:
+                counters["best"] = {"epoch": epoch + 1, **val}
+        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
+        vpeft.save_adapter(model, run_dir / "adapter")
+        if last:
+            break
+
+    test = evaluate(model, _loader(cfg, datasets["test"], train=False), device, autocast)
+    metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
+    metrics.close()
+    summary = {
+        "test": test,
+        "best_val": counters["best"],
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "trainable_params": report.trainable,
+        "trainable_params_with_head": report.trainable + report.head,
+        "total_params": report.base_total + report.trainable,
+        "peak_memory_mb": peak_memory_mb(device),
+        "wall_seconds": time.perf_counter() - start,
+        "images_per_second": counters["images"] / max(counters["train_seconds"], 1e-9),
+        "epochs": counters["epoch"],
+        "steps": counters["step"],
+        "device": str(device),
+        **environment(),
+    }
+    io.atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    return summary
+
+
+def build_run(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The model (with its pretrained weights, before any method) and the datasets of a run config.
+
+    Seeds the RNGs first: without a pretrained file the backbone's random weights come from ``train.seed``, so
+    ``tools/test.py`` rebuilds the very backbone the run trained on.
+    """
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    data_config = data_config_of(cfg)
+    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+    datasets = {}
+    for role, split in splits.items():
+        if split is None:
+            continue
+        transform = build_transform(data_config, cfg.data.augment, train=role == "train")
+        datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
+    num_classes = cfg.model.num_classes or datasets["train"].num_classes
+    model = build_model(
+        cfg.model.name,
+        num_classes=num_classes,
+        pretrained=cfg.model.pretrained,
+        img_size=cfg.model.img_size,
+        drop_path=cfg.model.drop_path,
+        **cfg.model.kwargs,
+    )
+    return model, datasets, data_config
+
+
+def data_config_of(cfg: RunConfig) -> dict[str, Any]:
+    """Input size, mean, std, interpolation and crop of the backbone's pretrained configuration (timm's)."""
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model.name)
+    except RuntimeError:
+        pretrained_cfg = None
+    if pretrained_cfg is None:
+        raise ValueError(f"model.name {cfg.model.name!r} is not a timm model with a pretrained configuration.")
+    size = cfg.data.img_size or cfg.model.img_size or cfg.model.kwargs.get("img_size")
+    args = {"input_size": (3, size, size)} if size else {}
+    return timm.data.resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
+
+
+def check_gradients(model: nn.Module) -> None:
+    """After the first backward pass, every trainable tensor must have a gradient; name the ones that do not."""
+    silent = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if silent:
+        hint = ""
+        if any(getattr(m, "grad_checkpointing", False) for m in model.modules()):
+            hint = " Gradient checkpointing is on: a checkpointed block whose input needs no gradient passes none."
+        raise RuntimeError(
+            f"{len(silent)} trainable tensors got no gradient in the first step, e.g. {silent[:5]}: they are not "
+            f"used in the forward pass, or the graph to them is cut.{hint}"
+        )
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'.")
+    return device
+
+
+def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp fp16 needs a CUDA device; use bf16 on CPU.")
+    # parameters stay fp32 (adapters and head included); autocast only lowers the precision of the matmuls
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _loader(cfg: RunConfig, dataset: Any, train: bool, epoch: int = 0) -> Any:
+    batch = cfg.data.batch_size if train else cfg.data.eval_batch_size or cfg.data.batch_size
+    return build_loader(dataset, batch, train=train, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch)
+
+
+def _needs_calibration(cfg: RunConfig) -> bool:
+    from ..methods import METHODS
+
+    return METHODS[cfg.method.name].needs_calibration
+
+
+def _calibration_batches(cfg: RunConfig, dataset: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``data.calibration_batches`` batches of the training split, in a fixed order."""
+    count = cfg.data.calibration_batches or 16
+    loader = _loader(cfg, dataset, train=False)
+    return list(itertools.islice(loader, count))
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> None:
+    if resume:
+        if not (run_dir / CONFIG).is_file():
+            raise FileNotFoundError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
+        changed = config_diff(load_config(run_dir / CONFIG), cfg)
+        if changed and not force:
+            raise ValueError(
+                f"--resume: the config differs from the run's in {changed}; resume with the run's "
+                "config, or pass --force to continue with the new one."
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --work-dir."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
