@@ -215,3 +215,32 @@ def test_pickled_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot be loaded safely"):
         read_state_dict(tmp_path / "evil.pth")
     assert "this pickle ran code" not in capsys.readouterr().out
+
+
+def test_gradient_checkpointing_and_bf16_autocast_keep_adapters_training_in_fp32(tmp_path, monkeypatch):
+    seen = {}
+    real_check = engine.check_gradients
+
+    def spy(model):
+        real_check(model)  # raises if checkpointing cut the graph to an adapter
+        seen["dtypes"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        seen["grads"] = sum(int(p.grad is not None) for p in model.parameters() if p.requires_grad)
+
+    monkeypatch.setattr(engine, "check_gradients", spy)
+    cfg = config(tmp_path, "train.epochs=1", "model.grad_checkpointing=true", "train.amp=bf16", "method.name=bitfit")
+    summary = engine.train(cfg, tmp_path / "run")
+    assert seen["dtypes"] == {torch.float32} and seen["grads"] > 0
+    assert math.isfinite(summary["test"]["loss"])
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    # BitFit has no dropout and drop_path is 0, so two half batches give the gradient of the whole batch
+    whole = config(tmp_path, "train.epochs=1", "method.name=bitfit", "data.val_split=null")
+    halves = config(tmp_path, "train.epochs=1", "method.name=bitfit", "data.val_split=null", "data.batch_size=64",
+                    "optim.accumulate=2")  # fmt: skip
+    engine.train(whole, tmp_path / "whole")
+    engine.train(halves, tmp_path / "halves")
+    a, b = records(tmp_path / "whole"), records(tmp_path / "halves")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.get("loss") == pytest.approx(y.get("loss"), rel=1e-4, abs=1e-6)

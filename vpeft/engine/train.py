@@ -80,7 +80,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     for epoch in range(counters["epoch"], cfg.train.epochs):
         model.train()
         loader = _loader(cfg, datasets["train"], train=True, epoch=epoch)
-        tic, seen = time.perf_counter(), 0
+        tic, seen, window = time.perf_counter(), 0, []  # window: losses of the micro-batches of one step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=None)
         for i, (images, labels) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -95,8 +95,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
                     f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. The last good "
                     f"checkpoint is {run_dir / CHECKPOINT}. Lower optim.lr or set optim.grad_clip."
                 )
-            (scaler.scale(loss) if scaler else loss).div(cfg.optim.accumulate).backward()
+            # a short last group at the end of the epoch averages over its own micro-batches
+            group = min(cfg.optim.accumulate, len(loader) - i // cfg.optim.accumulate * cfg.optim.accumulate)
+            (scaler.scale(loss) if scaler else loss).div(group).backward()
             seen += labels.numel()
+            window.append(loss.item())
             if (i + 1) % cfg.optim.accumulate and i + 1 != len(loader):
                 continue
             if not checked:
@@ -116,11 +119,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             optimizer.zero_grad(set_to_none=True)
             counters["step"] += 1
             lr = optimizer.param_groups[0]["lr"]
+            step_loss, window = sum(window) / len(window), []
             bar.set_postfix(
-                loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}"
+                loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}"
             )
             if counters["step"] % cfg.train.log_every == 0:
-                metrics.log({"step": counters["step"], "epoch": epoch + 1, "loss": loss.item(), "lr": lr})
+                metrics.log({"step": counters["step"], "epoch": epoch + 1, "loss": step_loss, "lr": lr})
             if cfg.train.max_steps and counters["step"] >= cfg.train.max_steps:
                 break
         counters["images"] += seen
