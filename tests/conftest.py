@@ -24,3 +24,10 @@ def vit() -> torch.nn.Module:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def vit_b16() -> torch.nn.Module:
+    """Random-weight ViT-B/16 with a 100-class head, for parameter counts; tests adapt copies (copy.deepcopy)."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", num_classes=100).eval()

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import timm
 import torch
 from torch import nn
 
 import vpeft
-
-
-@pytest.fixture(scope="module")
-def vit_b16() -> nn.Module:
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
 
 
 def test_bitfit_count_is_every_bias_outside_the_head(vit_b16):

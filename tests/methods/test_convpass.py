@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +12,6 @@ import vpeft
 
 from ..conftest import tiny_vit
 from ._vit_reference import perturb, quick_gelu, reference_forward
-
-
-@pytest.fixture(scope="module")
-def vit_b16():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100).eval()
 
 
 def _bypass(a, u, prefix=1):

@@ -6,7 +6,6 @@ import copy
 from collections import OrderedDict
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,12 +13,6 @@ import vpeft
 from vpeft.core.inject import layers_of
 
 from ..conftest import tiny_vit
-
-
-@pytest.fixture(scope="module")
-def vit_b():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
 
 
 def one_linear(bias: bool = True) -> torch.nn.Module:
@@ -112,6 +105,6 @@ def test_bad_options_are_refused():
         vpeft.apply_method(tiny_vit(), "dora", dropout=1.0)
 
 
-def test_vit_b16_count(vit_b):
-    assert vpeft.apply_method(copy.deepcopy(vit_b), "dora").trainable == 12 * 2 * (8 * 768 + 768 * 8 + 768)
-    assert vpeft.apply_method(copy.deepcopy(vit_b), "dora", targets=("qkv",)).trainable == 322_560
+def test_vit_b16_count(vit_b16):
+    assert vpeft.apply_method(copy.deepcopy(vit_b16), "dora").trainable == 12 * 2 * (8 * 768 + 768 * 8 + 768)
+    assert vpeft.apply_method(copy.deepcopy(vit_b16), "dora", targets=("qkv",)).trainable == 322_560

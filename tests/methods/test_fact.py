@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,12 +13,6 @@ import vpeft
 from vpeft.core.inject import shared_of
 
 from ..conftest import tiny_vit
-
-
-@pytest.fixture(scope="module")
-def vit_b():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
 
 
 def adapted(method: str, **options):
@@ -122,8 +115,8 @@ def test_bad_options_are_refused():
         ("fact_tk", 16, 30_976),
     ],
 )
-def test_vit_b16_count(vit_b, method, r, count):
-    report = vpeft.apply_method(copy.deepcopy(vit_b), method, r=r)
+def test_vit_b16_count(vit_b16, method, r, count):
+    report = vpeft.apply_method(copy.deepcopy(vit_b16), method, r=r)
     assert report.trainable == count
     assert len(report.rows) == 12 * 6 + 1  # q, k, v, proj, fc1, fc2 per block, plus the shared factors
 

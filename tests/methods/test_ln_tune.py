@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +11,6 @@ import vpeft
 from vpeft.core.inject import layers_of
 
 from ..conftest import tiny_vit
-
-
-@pytest.fixture(scope="module")
-def vit_b():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
 
 
 def perturbed():
@@ -52,7 +44,7 @@ def test_merge_adds_the_deltas(images):
     torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_vit_b16_count(vit_b):
-    report = vpeft.apply_method(copy.deepcopy(vit_b), "ln_tune")
+def test_vit_b16_count(vit_b16):
+    report = vpeft.apply_method(copy.deepcopy(vit_b16), "ln_tune")
     assert report.trainable == 25 * 2 * 768 == 38_400
     assert len(report.rows) == 25 and all(r[1] == "LayerNorm" for r in report.rows)

@@ -5,17 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import vpeft
-
-
-@pytest.fixture(scope="module")
-def vit_b16() -> nn.Module:
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
 
 
 def test_vtab_count_on_vit_b16(vit_b16):

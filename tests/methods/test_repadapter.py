@@ -7,7 +7,6 @@ import copy
 from collections import OrderedDict
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,12 +15,6 @@ import vpeft
 from vpeft.core.inject import layers_of
 
 from ..conftest import tiny_vit
-
-
-@pytest.fixture(scope="module")
-def vit_b():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
 
 
 def perturbed(**options):
@@ -105,7 +98,7 @@ def test_bad_options_are_refused():
         vpeft.apply_method(tiny_vit(), "repadapter", dim=0)
 
 
-def test_vit_b16_count(vit_b):
-    report = vpeft.apply_method(copy.deepcopy(vit_b), "repadapter")
+def test_vit_b16_count(vit_b16):
+    report = vpeft.apply_method(copy.deepcopy(vit_b16), "repadapter")
     assert report.trainable == 2 * 12 * (768 * 8 + 8 + 768 * 4 + 768) == 239_808
     assert {r[0].split(".", 2)[-1] for r in report.rows} == {"attn.qkv", "mlp.fc1"}

@@ -6,7 +6,6 @@ import copy
 from collections import OrderedDict
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,14 +16,8 @@ from vpeft.core.inject import layers_of
 from ..conftest import tiny_vit
 
 
-@pytest.fixture(scope="module")
-def vit_b():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100)
-
-
-def test_vit_b16_placement_count_and_init(vit_b):
-    model = copy.deepcopy(vit_b)
+def test_vit_b16_placement_count_and_init(vit_b16):
+    model = copy.deepcopy(vit_b16)
     report = vpeft.apply_method(model, "ssf")
     assert report.trainable == 205_824
     names = {r[0] for r in report.rows}

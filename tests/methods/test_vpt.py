@@ -6,19 +6,12 @@ import copy
 import math
 
 import pytest
-import timm
 import torch
 
 import vpeft
 
 from ..conftest import tiny_vit
 from ._vit_reference import perturb, reference_forward
-
-
-@pytest.fixture(scope="module")
-def vit_b16():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", num_classes=100).eval()
 
 
 def _prompts(model, i):

@@ -42,6 +42,17 @@ def state_of(model: nn.Module, required: bool = True) -> PeftState | None:
     return state
 
 
+def unmerged_adapter(model: nn.Module, name: str | None, action: str) -> tuple[str, AdapterRecord]:
+    """Adapter ``name`` (default: the active one) and its record; it must exist and not be merged, for ``action``."""
+    state = state_of(model)
+    name = name or state.switch.active
+    if name not in state.adapters:
+        raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
+    if state.merged is not None:
+        raise ValueError(f"the adapter is merged into the base weights; vpeft.unmerge(model) before {action} it.")
+    return name, state.adapters[name]
+
+
 def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Adapted]]:
     """``(logical path, parent, attribute, wrapper)`` for every wrapper in the model."""
 

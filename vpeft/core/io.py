@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import config_to_dict
-from .inject import state_of, wrappers
+from .inject import state_of, unmerged_adapter, wrappers
 from .layers import HeadCopies
 from .targets import SHARED
 
@@ -65,13 +65,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str | None, version: str) -> Path:
-    state = state_of(model)
-    name = name or state.switch.active
-    if name not in state.adapters:
-        raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
-    if state.merged is not None:
-        raise ValueError("the adapter is merged into the base weights; vpeft.unmerge(model) before saving it.")
-    record = state.adapters[name]
+    name, record = unmerged_adapter(model, name, "saving")
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model, name).items()}
     meta = {
         "format": FORMAT,

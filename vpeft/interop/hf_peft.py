@@ -57,7 +57,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from ..core.config import config_to_dict
-from ..core.inject import state_of, wrappers
+from ..core.inject import state_of, unmerged_adapter, wrappers
 from ..core.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write
 from ..core.layers import WHOLE, AdaptedMHA, HeadCopies, _is_conv1d
 from ..core.report import Report
@@ -89,13 +89,7 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     """
     from ..api import __version__
 
-    state = state_of(model)
-    name = adapter_name or state.switch.active
-    if name not in state.adapters:
-        raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
-    if state.merged is not None:
-        raise ValueError("the adapter is merged into the base weights; vpeft.unmerge(model) before exporting it.")
-    record = state.adapters[name]
+    name, record = unmerged_adapter(model, adapter_name, "exporting")
     if record.method not in LORA_FAMILY:
         raise ValueError(
             f"cannot export adapter {name!r} (method {record.method!r}) to Hugging Face PEFT: only the LoRA family "
