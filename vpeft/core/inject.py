@@ -109,14 +109,15 @@ def add_adapter(
             raise ValueError(f"{method!r} cannot share a model with other adapters: one of them trains base tensors.")
 
     targets = select_targets(model, config, method_cls, method)
-    if method_cls.needs_calibration and not prepared:
-        if calibration is None:
+    if not prepared:  # a loaded adapter's config already holds what prepare() decided
+        if method_cls.needs_calibration and calibration is None:
             raise ValueError(
                 f"method {method!r} needs calibration data: vpeft.apply_method(model, {method!r}, "
                 "calibration=batches), with batches an iterable of (inputs, targets)."
             )
-        config = method_cls.prepare(config, model, targets, calibration)
-        targets = select_targets(model, config, method_cls, method)
+        decided = method_cls.prepare(config, model, targets, calibration)
+        if decided != config:
+            config, targets = decided, select_targets(model, decided, method_cls, method)
     heads = find_heads(model, config)
     trainable_base = method_cls.trainable_base(config, model)
     shared = method_cls.build_shared(config, targets)

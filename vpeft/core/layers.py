@@ -92,7 +92,10 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def prepare(cls, config: MethodConfig, model: nn.Module, targets: list[Target], calibration: Any) -> MethodConfig:
-        """Data-dependent decisions, returned as a new config so that a saved adapter rebuilds without data."""
+        """Decisions that need the whole model or data (``calibration``: batches, or None when the method does not
+        need them), returned as a new config (``dataclasses.replace``) so that a saved adapter rebuilds from its
+        config alone: SPT's allocation plan, a token grid read from ``model.patch_embed``. Must not change the model.
+        """
         return config
 
     @classmethod
