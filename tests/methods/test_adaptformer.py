@@ -47,7 +47,7 @@ def test_mlp_only_targets_read_the_mlp_input(images):
     base = tiny_vit()
     model = copy.deepcopy(base)
     report = vpeft.apply_method(model, "adaptformer", targets=("mlp",))
-    assert "vpeft_shared" not in dict(model.named_children())
+    assert not model.vpeft_shared["default"].taps.active and model.vpeft_shared.state_dict() == {}
     assert [row[0] for row in report.rows] == ["blocks.0.mlp", "blocks.1.mlp"]
     perturb(model)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_unpaired_norm_or_mlp_is_refused():
         vpeft.apply_method(tiny_vit(), "adaptformer", exclude=("blocks.0.mlp",))
     model = tiny_vit()
     vpeft.apply_method(model, "adaptformer", layers=(1,))  # both filtered together: fine
-    assert len(vpeft.report(model).rows) == 3  # norm2, mlp, shared
+    assert [r[0] for r in vpeft.report(model).rows] == ["blocks.1.norm2", "blocks.1.mlp"]
 
 
 def test_mlp_called_without_its_norm_raises():
@@ -88,7 +88,7 @@ def test_stash_is_emptied_and_not_saved(images):
     model = tiny_vit()
     vpeft.apply_method(model, "adaptformer")
     model(images)
-    assert model.vpeft_shared["default"].stash == {}
+    assert model.vpeft_shared["default"].taps.stash == {}
     assert model.vpeft_shared.state_dict() == {}
 
 

@@ -355,9 +355,9 @@ def report(model: nn.Module, name: str | None = None) -> Report:
                 heads.append((path, count))
             else:
                 rows.append((path if part == WHOLE else f"{path}[{part}]", type(wrapper.base_layer).__name__, count))
-    shared = shared_of(model, name)
-    if shared is not None:
-        rows.append((SHARED, "shared", sum(p.numel() for p in shared.parameters())))
+    shared_count = sum(p.numel() for p in shared.parameters()) if (shared := shared_of(model, name)) else 0
+    if shared_count:
+        rows.append((SHARED, "shared", shared_count))
     params = dict(model.named_parameters())
     for n in record.trainable_base:
         rows.append((n, "base tensor", params[n].numel()))

@@ -120,9 +120,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             counters["step"] += 1
             lr = optimizer.param_groups[0]["lr"]
             step_loss, window = sum(window) / len(window), []
-            bar.set_postfix(
-                loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}"
-            )
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
             if counters["step"] % cfg.train.log_every == 0:
                 metrics.log({"step": counters["step"], "epoch": epoch + 1, "loss": step_loss, "lr": lr})
             if cfg.train.max_steps and counters["step"] >= cfg.train.max_steps:

@@ -1,6 +1,9 @@
 """The method registry: one line per method. Tests and tools pick every entry up from here."""
 
-from ..core import AdapterModule
+from ..core import AdapterModule  # noqa: I001 (one import line per engineer, appended)
+from . import dvpt, earth_adapter
+from . import spt  # noqa: I001
+from . import comp_lora, salt, soma  # noqa: I001
 from . import adapter, adaptformer, baselines, bitfit, convpass, dora, fact, ln_tune, lora, repadapter, ssf, vpt
 
 METHODS: dict[str, type[AdapterModule]] = {
@@ -19,4 +22,11 @@ METHODS: dict[str, type[AdapterModule]] = {
     "fact_tt": fact.FacTTT,
     "fact_tk": fact.FacTTK,
     "repadapter": repadapter.RepAdapter,
+    "dvpt": dvpt.DVPT,
+    "earth_adapter": earth_adapter.EarthAdapter,
+    "spt_lora": spt.SPT,
+    "spt_adapter": spt.SPTAdapter,
+    "soma": soma.SoMA,
+    "salt": salt.SALT,
+    "comp_lora": comp_lora.CompLoRA,
 }

@@ -24,19 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
-
-
-def quick_gelu(x: Tensor) -> Tensor:
-    """CLIP's GELU approximation, used by NOAH's adapter and by Convpass."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "relu": F.relu}
+from ._blocks import ACTIVATIONS
 
 
 @dataclass

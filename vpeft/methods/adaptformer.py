@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
+from ._blocks import Taps, block_of
 
 
 @dataclass
@@ -48,19 +49,6 @@ class AdaptFormerConfig(MethodConfig):
             raise ValueError(f"adaptformer option dropout must be in [0, 1), got {self.dropout}.")
 
 
-class _ResidualTaps(nn.Module):
-    """Shared by an adapter's targets: which MLPs have a norm tap, and the tensors tapped in the current forward."""
-
-    def __init__(self, parents: set[str]):
-        super().__init__()
-        self.parents = parents
-        self.__dict__["stash"] = {}  # (parent, device) -> the norm's input; never saved
-
-
-def _parent(target: Target) -> str:
-    return target.name.rsplit(".", 1)[0] if "." in target.name else ""
-
-
 class AdaptFormer(AdapterModule):
     Config = AdaptFormerConfig
     wraps = ("module", "linear", "norm")
@@ -68,13 +56,12 @@ class AdaptFormer(AdapterModule):
 
     def __init__(self, target: Target, config: AdaptFormerConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
-        self.parent = _parent(target)
+        self.block = block_of(target)
         self.tap = target.kind == "norm"
-        self.reads_residual = shared is not None
         if self.tap:
             return  # a tap holds no tensors: it only passes the residual stream on
         width = target.out_features
-        if self.reads_residual and target.in_features != width:
+        if shared.taps.active and target.in_features != width:
             raise ValueError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
         self.scale = config.scale
         self.down = nn.Linear(width, config.dim)  # (dim, D)
@@ -86,31 +73,13 @@ class AdaptFormer(AdapterModule):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @classmethod
-    def build_shared(cls, config: AdaptFormerConfig, targets: list[Target]) -> nn.Module | None:
-        taps = {_parent(t) for t in targets if t.kind == "norm"}
-        if not taps:
-            return None  # no norm targets: the adapters read their module's input
-        mlps = {_parent(t) for t in targets if t.kind != "norm"}
-        taps_by_parent = [_parent(t) for t in targets if t.kind == "norm"]
-        lonely = sorted((taps ^ mlps) | {p for p in taps if taps_by_parent.count(p) > 1})
-        if lonely:
-            raise ValueError(
-                "adaptformer pairs each MLP with one norm of the same block (its input is the residual stream the "
-                f"norm reads); unpaired or ambiguous in {lonely}. Target both (default targets=('mlp', 'norm2')) or "
-                "only the MLPs (targets=('mlp',), which reads norm2(x))."
-            )
-        return _ResidualTaps(taps)
+    def build_shared(cls, config: AdaptFormerConfig, targets: list[Target]) -> nn.Module:
+        return Taps("adaptformer", targets)
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
         if self.tap:
-            self.shared.stash[(self.parent, x.device)] = x  # (B, N, D), read by the MLP of this block
+            self.shared.taps.put(self.block, x)  # (B, N, D), read by the MLP of this block
             return y
-        if self.reads_residual:
-            x = self.shared.stash.pop((self.parent, x.device), None)
-            if x is None:
-                raise RuntimeError(
-                    f"adaptformer: the MLP of {self.parent!r} ran without its norm first; it reads the residual "
-                    "stream the norm sees (targets=('mlp',) reads the MLP input instead)."
-                )
+        x = self.shared.taps.take(self.block, x)
         h = self.dropout(F.relu(self.down(x)))  # (B, N, D) -> (B, N, dim)
         return y + self.scale * self.up(h)  # (B, N, D)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
-from .adapter import quick_gelu
+from ._blocks import quick_gelu
 
 CONV_INITS = ("xavier", "identity")
 

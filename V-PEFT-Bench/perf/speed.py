@@ -1,0 +1,183 @@
+"""Training-step time, peak memory and inference time of every method, side by side with Hugging Face PEFT's LoRA.
+
+    python V-PEFT-Bench/perf/speed.py                       # CPU here, or the GPU when there is one
+    python V-PEFT-Bench/perf/speed.py --grad-ckpt           # the same with gradient checkpointing
+    python V-PEFT-Bench/perf/speed.py --methods lora,bitfit --reps 3 --out /tmp/table.md
+
+timm ``vit_base_patch16_224`` (random weights: speed does not depend on them), batch 8 at 224x224, AdamW. Step and
+inference times are medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow
+spell of the machine hits all of them alike. Peak memory: on a GPU ``max_memory_allocated`` per variant in this
+process; on the CPU the peak resident set size of a child process per variant (a process's peak cannot be reset).
+Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up) and, for inference,
+to the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vpeft
+from vpeft.methods import METHODS
+
+HF_LORA = "hf_peft_lora"
+BATCH, SIZE, CLASSES = 8, 224, 100
+
+
+def base_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", num_classes=CLASSES)
+
+
+def calibration() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (4,), generator=g))]
+
+
+def build(variant: str, base: torch.nn.Module, grad_ckpt: bool) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    if variant == HF_LORA:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+        inner = model.base_model.model
+    else:
+        cal = calibration() if METHODS[variant].needs_calibration else None
+        vpeft.apply_method(model, variant, calibration=cal)
+        inner = model
+    inner.set_grad_checkpointing(grad_ckpt)
+    return model
+
+
+def step_fn(model: torch.nn.Module, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step, x
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def child_peak_memory(variant: str, grad_ckpt: bool) -> float:
+    """Peak memory (MB) of a fresh process that builds the variant and runs three training steps: GPU memory
+    allocated on CUDA, resident set size on the CPU."""
+    cmd = [sys.executable, __file__, "--memory-child", variant] + (["--grad-ckpt"] if grad_ckpt else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(variant: str, grad_ckpt: bool) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(variant, base_model().to(device), grad_ckpt).to(device).train()
+    step, _ = step_fn(model, device)
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="all", help="comma-separated vpeft methods (default: all registered)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--out", type=Path, help="markdown table (default V-PEFT-Bench/perf/results/<device>.md)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.grad_ckpt)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
+    variants = ["full", "linear", HF_LORA] + [m for m in methods if m not in ("full", "linear")]
+    base = base_model().to(device)
+    models = {v: build(v, base, args.grad_ckpt).to(device).train() for v in variants}
+    steps = {v: step_fn(m, device)[0] for v, m in models.items()}
+    x = step_fn(base, device)[1]
+
+    infer = {"base": base.eval()} | {f"{v} unmerged": m for v, m in models.items() if v not in ("full", "linear")}
+    for v in methods:
+        if v in METHODS and METHODS[v].mergeable and v not in ("full", "linear"):
+            merged = copy.deepcopy(models[v])
+            vpeft.merge(merged)
+            infer[f"{v} merged"] = merged
+    step_times = {v: [] for v in steps}
+    infer_times = {k: [] for k in infer}
+    for fn in steps.values():  # warm-up: allocator, optimizer state, kernels
+        fn()
+    for _ in range(args.reps):
+        for v, fn in steps.items():
+            step_times[v].append(timed(fn, device))
+        with torch.no_grad():
+            for k, m in infer.items():
+                m.eval()
+                infer_times[k].append(timed(lambda m=m: m(x), device))
+    peak = {v: child_peak_memory(v, args.grad_ckpt) for v in steps}
+
+    step_ms = {v: 1000 * statistics.median(t) for v, t in step_times.items()}
+    infer_ms = {k: 1000 * statistics.median(t) for k, t in infer_times.items()}
+    machine = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    )
+    cores = torch.get_num_threads()
+    lines = [
+        f"# Speed and memory: {machine} ({cores} threads), torch {torch.__version__}, timm {timm.__version__}",
+        "",
+        f"`python V-PEFT-Bench/perf/speed.py{' --grad-ckpt' if args.grad_ckpt else ''} --reps {args.reps}`; "
+        f"vit_base_patch16_224, batch {BATCH}, {SIZE}x{SIZE}, AdamW; medians of {args.reps} interleaved rounds.",
+        f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. Peak memory: "
+        + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
+        + " of a child process per variant (MB).",
+        "",
+        "| variant | step ms | x full | x HF LoRA | peak MB | x full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for v in steps:
+        lines.append(
+            f"| {v} | {step_ms[v]:.1f} | {step_ms[v] / step_ms['full']:.3f} | {step_ms[v] / step_ms[HF_LORA]:.3f} "
+            f"| {peak[v]:.0f} | {peak[v] / peak['full']:.3f} |"
+        )
+    lines += ["", "| inference | ms | x base |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {ms:.1f} | {ms / infer_ms['base']:.3f} |" for k, ms in infer_ms.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    name = ("gpu-" if device.type == "cuda" else "cpu-") + ("ckpt" if args.grad_ckpt else "plain")
+    out = args.out or Path(__file__).parent / "results" / f"{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    (out.with_suffix(".json")).write_text(json.dumps({"step_ms": step_ms, "infer_ms": infer_ms, "peak_mb": peak,
+                                                      "machine": machine}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

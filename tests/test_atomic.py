@@ -1,0 +1,58 @@
+"""Atomic writes: a crash in the middle of writing an adapter or a checkpoint leaves the previous file valid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vpeft
+from vpeft.core import io
+
+from .conftest import tiny_vit
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_during_adapter_write_keeps_the_previous_adapter(tmp_path, images, monkeypatch):
+    model = tiny_vit()
+    vpeft.apply_method(model, "lora")
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.adapters["default"]["q"].lora_B.fill_(0.1)
+    vpeft.save_adapter(model, tmp_path / "a")
+    expected = model(images)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.adapters["default"]["q"].lora_B.fill_(0.7)  # a newer state, never completely written
+
+    def dies_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)  # half a file
+        raise Crash
+
+    monkeypatch.setattr(io, "save_file", dies_half_way)
+    with pytest.raises(Crash):
+        vpeft.save_adapter(model, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = tiny_vit()
+    vpeft.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(images), expected, rtol=0, atol=0)
+
+
+def test_atomic_write_replaces_only_when_complete(tmp_path):
+    def write(text: str, crash: bool = False):
+        def writer(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+            if crash:
+                raise Crash
+
+        return writer
+
+    target = tmp_path / "file.txt"
+    io.atomic_write(target, write("first"))
+    with pytest.raises(Crash):
+        io.atomic_write(target, write("sec", crash=True))
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+    io.atomic_write(target, write("second"))
+    assert target.read_text() == "second"
