@@ -14,8 +14,9 @@ import vpeft
 from vpeft.core.io import atomic_write
 from vpeft.data import build_loader
 from vpeft.engine.config import load_config
+from vpeft.engine.distributed import setup
 from vpeft.engine.evaluate import evaluate
-from vpeft.engine.train import CONFIG, build_run, resolve_device
+from vpeft.engine.train import CONFIG, build_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.run_dir / CONFIG, [f"data.test_split={args.split}"] if args.split else [])
     model, datasets, _ = build_run(cfg)
     vpeft.load_adapter(model, args.run_dir / "adapter")
-    device = resolve_device(cfg.train.device)
+    device = setup(cfg.train.device).device
     loader = build_loader(
         datasets["test"],
         cfg.data.eval_batch_size or cfg.data.batch_size,

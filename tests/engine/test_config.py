@@ -76,14 +76,16 @@ def test_set_values_are_typed(tmp_path):
     assert cfg.name == "my run"
 
 
-def test_set_method_name_keeps_parent_options_and_names_them(tmp_path):
+def test_set_method_name_switches_method_and_drops_the_files_options(tmp_path):
     write(tmp_path, "base.yaml", MINIMAL + "method: {name: lora, r: 4}\n")
     child = write(tmp_path, "child.yaml", "_base_: base.yaml\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(child, ["method.name=ssf"])
-    message = str(info.value)
-    assert "method.r" in message and "'r'" in message and "base.yaml" in message
+    assert load_config(child, ["method.name=ssf"]).method.options == {}
+    # options given with --set belong to the new method, whatever their order on the command line
+    cfg = load_config(child, ["method.r=16", "method.name=dora"])
+    assert cfg.method.name == "dora" and cfg.method.options == {"r": 16}
     assert load_config(child, ["method.r=16"]).method.options == {"r": 16}
+    with pytest.raises(ConfigError, match=r"method\.r \(in --set method\.r=2\).*no option 'r'"):
+        load_config(child, ["method.name=ssf", "method.r=2"])
 
 
 def test_child_file_switching_method_drops_parent_options(tmp_path):

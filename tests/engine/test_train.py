@@ -79,8 +79,8 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, mo
 
     real_loader = engine._loader
 
-    def dying_loader(cfg, dataset, train, epoch=0):
-        loader = real_loader(cfg, dataset, train, epoch)
+    def dying_loader(cfg, dataset, train, dist=None, epoch=0):
+        loader = real_loader(cfg, dataset, train, dist, epoch)
         if not (train and epoch == 1):
             return loader
 

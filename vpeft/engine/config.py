@@ -285,11 +285,7 @@ def _describe(error: dict[str, Any], origins: Origins, top: str) -> str:
     if error["type"] == "missing":
         return f"{dotted}: required key missing (config {top})"
     if error["type"] == "method_option":
-        text = f"{dotted} (in {source}): {error['ctx']['message']}"
-        name_from = origins.get(("method", "name"), "")
-        if name_from.startswith("--set") and not source.startswith("--set") and loc != ("method", "name"):
-            text += f" ({name_from} keeps the options from the files; switch methods in a config file instead)"
-        return text
+        return f"{dotted} (in {source}): {error['ctx']['message']}"
     _, ann = _walk(loc)
     expected = f" (expected {_type_name(ann)})" if ann is not None and error["type"].endswith("_type") else ""
     return f"{dotted} (in {source}): {error['msg']}{expected}, got {error['input']!r}"
@@ -319,11 +315,12 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
     merged: dict[str, Any] = {}
     for data, source in _layers(Path(path), (), None):
         merged = _merge(merged, data, origins, source, switch_drops=True)
-    for item in overrides:
+    # a method switch comes first and drops the files' method options; options given with --set then apply to it
+    for item in sorted(overrides, key=lambda item: not item.startswith("method.name=")):
         keys, value = _override(item)
         for key in reversed(keys):
             value = {key: value}
-        merged = _merge(merged, value, origins, f"--set {item}", switch_drops=False)
+        merged = _merge(merged, value, origins, f"--set {item}", switch_drops=True)
     try:
         return RunConfig.model_validate(merged)
     except pydantic.ValidationError as err:

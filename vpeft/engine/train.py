@@ -24,12 +24,14 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import vpeft
 
 from ..core import io
 from ..data import build_dataset, build_loader, build_transform
+from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_diff, dump_config, load_config
 from .evaluate import evaluate
@@ -46,8 +48,12 @@ SUMMARY = "summary.json"
 def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``summary.json``)."""
     run_dir = Path(run_dir)
-    _check_run_dir(cfg, run_dir, resume, force)
-    device = resolve_device(cfg.train.device)
+    dist = distributed.setup(cfg.train.device)
+    _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
+    dist.barrier()
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = dist.device
     start = time.perf_counter()
 
     model, datasets, data_config = build_run(cfg)
@@ -57,8 +63,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     model.to(device)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    net = dist.wrap(model)  # DistributedDataParallel under torchrun; the model itself otherwise
 
-    steps_per_epoch = math.ceil(len(_loader(cfg, datasets["train"], train=True, epoch=0)) / cfg.optim.accumulate)
+    steps_per_epoch = math.ceil(len(_loader(cfg, datasets["train"], True, dist)) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -67,25 +74,27 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
 
     counters = {"epoch": 0, "step": 0, "best": None, "images": 0, "train_seconds": 0.0}
-    metrics = MetricsLog(run_dir, cfg.train.tensorboard)
+    metrics = MetricsLog(run_dir, cfg.train.tensorboard) if dist.main else None
     if resume:
         counters = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler)
-        metrics.truncate_after(counters["step"])
+        if dist.main:
+            metrics.truncate_after(counters["step"])
         log.info("vpeft: resumed %s at epoch %d, step %d", run_dir, counters["epoch"], counters["step"])
-    else:
+    elif dist.main:
         dump_config(cfg, run_dir / CONFIG)
     reset_peak_memory(device)
 
     checked = False
     for epoch in range(counters["epoch"], cfg.train.epochs):
         model.train()
-        loader = _loader(cfg, datasets["train"], train=True, epoch=epoch)
+        loader = _loader(cfg, datasets["train"], True, dist, epoch)
         tic, seen, window = time.perf_counter(), 0, []  # window: losses of the micro-batches of one step
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=None)
+        quiet = None if dist.main else True  # None: tqdm shows a bar on a terminal only
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=quiet)
         for i, (images, labels) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast:
-                logits = model(images)
+                logits = net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
                 extra = vpeft.method_loss(model)
                 if extra is not None:
@@ -99,7 +108,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             group = min(cfg.optim.accumulate, len(loader) - i // cfg.optim.accumulate * cfg.optim.accumulate)
             (scaler.scale(loss) if scaler else loss).div(group).backward()
             seen += labels.numel()
-            window.append(loss.item())
+            window.append(dist.sum(loss.detach().float().reshape(1)).item() / dist.world)
             if (i + 1) % cfg.optim.accumulate and i + 1 != len(loader):
                 continue
             if not checked:
@@ -121,27 +130,31 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             lr = optimizer.param_groups[0]["lr"]
             step_loss, window = sum(window) / len(window), []
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
-            if counters["step"] % cfg.train.log_every == 0:
+            if counters["step"] % cfg.train.log_every == 0 and dist.main:
                 metrics.log({"step": counters["step"], "epoch": epoch + 1, "loss": step_loss, "lr": lr})
             if cfg.train.max_steps and counters["step"] >= cfg.train.max_steps:
                 break
-        counters["images"] += seen
+        counters["images"] += seen * dist.world
         counters["train_seconds"] += time.perf_counter() - tic
         counters["epoch"] = epoch + 1
         last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and counters["step"] >= cfg.train.max_steps)
         if "val" in datasets and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-            val = evaluate(model, _loader(cfg, datasets["val"], train=False), device, autocast)
-            metrics.log({"step": counters["step"], "epoch": epoch + 1, "split": "val", **val})
+            val = evaluate(model, _loader(cfg, datasets["val"], False, dist), device, autocast, dist.sum)
+            if dist.main:
+                metrics.log({"step": counters["step"], "epoch": epoch + 1, "split": "val", **val})
             if counters["best"] is None or val["top1"] > counters["best"]["top1"]:
                 counters["best"] = {"epoch": epoch + 1, **val}
-        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
-        vpeft.save_adapter(model, run_dir / "adapter")
+        if dist.main:
+            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
+            vpeft.save_adapter(model, run_dir / "adapter")
+        dist.barrier()
         if last:
             break
 
-    test = evaluate(model, _loader(cfg, datasets["test"], train=False), device, autocast)
-    metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
-    metrics.close()
+    test = evaluate(model, _loader(cfg, datasets["test"], False, dist), device, autocast, dist.sum)
+    if dist.main:
+        metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
+        metrics.close()
     summary = {
         "test": test,
         "best_val": counters["best"],
@@ -157,9 +170,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         "epochs": counters["epoch"],
         "steps": counters["step"],
         "device": str(device),
+        "processes": dist.world,
         **environment(),
     }
-    io.atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    if dist.main:
+        io.atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    dist.close()
     return summary
 
 
@@ -226,15 +242,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'.")
-    return device
-
-
 def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
     if amp == "none":
         return contextlib.nullcontext()
@@ -244,9 +251,24 @@ def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _loader(cfg: RunConfig, dataset: Any, train: bool, epoch: int = 0) -> Any:
+def _loader(cfg: RunConfig, dataset: Any, train: bool, dist: distributed.Dist | None = None, epoch: int = 0) -> Any:
+    """Training: this process's shard of the ``(seed, epoch)`` permutation. Evaluation: every ``world``-th item from
+    ``rank``, unpadded, so the summed counts over the processes are exact."""
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    if not train:
+        dataset = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+        world, rank = 1, 0
     batch = cfg.data.batch_size if train else cfg.data.eval_batch_size or cfg.data.batch_size
-    return build_loader(dataset, batch, train=train, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch)
+    return build_loader(
+        dataset,
+        batch,
+        train=train,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+        epoch=epoch,
+        num_replicas=world,
+        rank=rank,
+    )
 
 
 def _needs_calibration(cfg: RunConfig) -> bool:
@@ -258,8 +280,7 @@ def _needs_calibration(cfg: RunConfig) -> bool:
 def _calibration_batches(cfg: RunConfig, dataset: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``data.calibration_batches`` batches of the training split, in a fixed order."""
     count = cfg.data.calibration_batches or 16
-    loader = _loader(cfg, dataset, train=False)
-    return list(itertools.islice(loader, count))
+    return list(itertools.islice(_loader(cfg, dataset, train=False), count))
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> None:
@@ -276,4 +297,3 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> 
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --work-dir."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
