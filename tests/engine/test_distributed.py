@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from vpeft.engine import train as engine
 from vpeft.engine.config import load_config
@@ -41,3 +42,29 @@ def test_two_processes_match_one(tmp_path):
     assert two["test"]["top1"] == pytest.approx(one["test"]["top1"], abs=1.0)
     assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-2)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+@pytest.mark.parametrize("method", ["lora", "fact_tt", "vpt_deep", "linear"])
+def test_fsdp_units_never_mix_frozen_and_trainable_tensors(method):
+    import vpeft
+    from vpeft.engine.distributed import fsdp_units
+
+    from ..conftest import tiny_vit
+
+    model = tiny_vit()
+    vpeft.apply_method(model, method)
+    units = fsdp_units(model)
+
+    def owner(path: list[nn.Module]) -> nn.Module:  # FSDP flattens a tensor into its innermost enclosing unit
+        return next((m for m in reversed(path) if m in units), model)
+
+    flags: dict[int, set[bool]] = {}
+
+    def visit(module: nn.Module, path: list[nn.Module]) -> None:
+        for p in module.parameters(recurse=False):
+            flags.setdefault(id(owner(path)), set()).add(p.requires_grad)
+        for child in module.children():
+            visit(child, [*path, child])
+
+    visit(model, [model])
+    assert len(flags) > 2 and all(len(f) == 1 for f in flags.values()), flags
