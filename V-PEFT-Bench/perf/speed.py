@@ -47,7 +47,10 @@ def calibration() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def build(variant: str, base: torch.nn.Module, grad_ckpt: bool) -> torch.nn.Module:
-    model = copy.deepcopy(base)
+    # Variants that leave the base frozen share its tensors (one ViT-B in memory, not one per variant); full
+    # fine-tuning trains them, so it gets its own copy.
+    memo = {} if variant == "full" else {id(p): p for p in base.parameters()}
+    model = copy.deepcopy(base, memo)
     if variant == HF_LORA:
         from peft import LoraConfig, get_peft_model
 
@@ -61,19 +64,23 @@ def build(variant: str, base: torch.nn.Module, grad_ckpt: bool) -> torch.nn.Modu
     return model
 
 
+def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device)
+    return x, torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
+
+
 def step_fn(model: torch.nn.Module, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
+    x, y = batch(device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    return step, x
+    return step
 
 
 def timed(fn, device: torch.device) -> float:
@@ -97,7 +104,7 @@ def child_peak_memory(variant: str, grad_ckpt: bool) -> float:
 def memory_child(variant: str, grad_ckpt: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(variant, base_model().to(device), grad_ckpt).to(device).train()
-    step, _ = step_fn(model, device)
+    step = step_fn(model, device)
     for _ in range(3):
         step()
     if device.type == "cuda":
@@ -122,13 +129,13 @@ def main() -> None:
     variants = ["full", "linear", HF_LORA] + [m for m in methods if m not in ("full", "linear")]
     base = base_model().to(device)
     models = {v: build(v, base, args.grad_ckpt).to(device).train() for v in variants}
-    steps = {v: step_fn(m, device)[0] for v, m in models.items()}
-    x = step_fn(base, device)[1]
+    steps = {v: step_fn(m, device) for v, m in models.items()}
+    x = batch(device)[0]
 
     infer = {"base": base.eval()} | {f"{v} unmerged": m for v, m in models.items() if v not in ("full", "linear")}
     for v in methods:
         if v in METHODS and METHODS[v].mergeable and v not in ("full", "linear"):
-            merged = copy.deepcopy(models[v])
+            merged = copy.deepcopy(models[v])  # its own base tensors: merging writes into them
             vpeft.merge(merged)
             infer[f"{v} merged"] = merged
     step_times = {v: [] for v in steps}
