@@ -46,11 +46,12 @@ def calibration() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (4,), generator=g))]
 
 
-def build(variant: str, base: torch.nn.Module, grad_ckpt: bool) -> torch.nn.Module:
-    # Variants that leave the base frozen share its tensors (one ViT-B in memory, not one per variant); full
-    # fine-tuning trains them, so it gets its own copy.
+def build(variant: str, base: torch.nn.Module, grad_ckpt: bool, own: bool = False) -> torch.nn.Module:
+    """The variant on a copy of ``base``, or on ``base`` itself with ``own``. Copies of variants that leave the base
+    frozen share its tensors (one ViT-B in memory, not one per variant); full fine-tuning trains them, so it gets its
+    own."""
     memo = {} if variant == "full" else {id(p): p for p in base.parameters()}
-    model = copy.deepcopy(base, memo)
+    model = base if own else copy.deepcopy(base, memo)
     if variant == HF_LORA:
         from peft import LoraConfig, get_peft_model
 
@@ -103,14 +104,24 @@ def child_peak_memory(variant: str, grad_ckpt: bool) -> float:
 
 def memory_child(variant: str, grad_ckpt: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(variant, base_model().to(device), grad_ckpt).to(device).train()
+    model = build(variant, base_model().to(device), grad_ckpt, own=True).to(device).train()
     step = step_fn(model, device)
     for _ in range(3):
         step()
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size. ``VmHWM`` starts afresh at exec; ``ru_maxrss`` would carry over the
+    parent's peak into a child started with fork+exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

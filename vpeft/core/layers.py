@@ -164,13 +164,7 @@ class Adapted(nn.Module):
 
     # ---- weights, as (out, in, ...) views that merge writes through ---------------------------------------------
     def weight_views(self, part: str) -> tuple[Tensor, Tensor | None]:
-        base = self.base_layer
-        weight = base.weight.T if _is_conv1d(base) else base.weight  # HF Conv1D stores (in, out)
-        bias = base.bias
-        if part != WHOLE:
-            cols = self.slices[part]
-            weight, bias = weight[cols], (bias[cols] if bias is not None else None)
-        return weight, bias
+        return weight_and_bias(self.base_layer, self.slices[part] if part != WHOLE else None)
 
     @torch.no_grad()
     def fold(self, name: str, undo: bool = False) -> None:
@@ -283,6 +277,15 @@ class HeadCopies(Adapted):
         parts = self.active_parts()
         head = parts[WHOLE] if parts is not None else self.base_layer
         return head(x, *args, **kwargs)
+
+
+def weight_and_bias(module: nn.Module, rows: slice | None = None) -> tuple[Tensor, Tensor | None]:
+    """Views of ``module``'s weight in ``(out, in, ...)`` layout and its bias, limited to output ``rows`` if given."""
+    weight = module.weight.T if _is_conv1d(module) else module.weight  # HF Conv1D stores (in, out)
+    bias = module.bias
+    if rows is not None:
+        weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+    return weight, bias
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -13,10 +13,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import MethodConfig
-from .layers import WHOLE, Adapted, AdapterModule, _is_conv1d
+from .layers import WHOLE, Adapted, AdapterModule, _is_conv1d, weight_and_bias
 from .roles import ROLES
 
 SHARED = "vpeft_shared"  # root attribute holding tensors shared by all targets of an adapter
@@ -39,6 +39,10 @@ class Target:
     @property
     def key(self) -> str:
         return self.name if self.part == WHOLE else f"{self.name}[{self.part}]"
+
+    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """Views of the base weight in ``(out, in, ...)`` layout (HF Conv1D transposed) and bias, sliced to the part."""
+        return weight_and_bias(self.module, fused_parts(self.module)[self.part] if self.part != WHOLE else None)
 
     @property
     def in_features(self) -> int:

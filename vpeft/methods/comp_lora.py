@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import WHOLE, AdapterModule, MethodConfig, Target
-from ..core.targets import fused_parts
+from ..core import AdapterModule, MethodConfig, Target
 from . import _svd
 
 PROJECT = ("both", "input", "output")
@@ -71,10 +70,8 @@ class CompLoRA(AdapterModule):
 
     def __init__(self, target: Target, config: CompLoRAConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
-        base, r = target.module, config.r
-        weight = base.weight.T if type(base).__name__ == "Conv1D" else base.weight  # HF Conv1D stores (in, out)
-        rows = fused_parts(base)[target.part] if target.part != WHOLE else slice(None)
-        weight = weight[rows]  # (out, in)
+        r = config.r
+        weight, _ = target.weight_and_bias()  # (out, in)
         rank = min(weight.shape)
         k = config.k if config.k is not None else max(1, round(config.k_ratio * rank))
         if k >= rank:

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import WHOLE, Target
-from ..core.targets import fused_parts
+from ..core import Target
 from .lora import LoRA, LoRAConfig
 
 
@@ -50,21 +49,17 @@ class DoRA(LoRA):
 
     def __init__(self, target: Target, config: DoRAConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
-        # the base layer, unregistered (its weight belongs to the model), and this target's output rows of it
-        self.__dict__["base"] = target.module
-        self.rows = fused_parts(target.module)[target.part] if target.part != WHOLE else slice(None)
+        # the target, unregistered (its weight belongs to the model); its weight is read in every forward
+        self.__dict__["target"] = target
         with torch.no_grad():
             self.magnitude = nn.Parameter(self._base_weight().detach().float().norm(dim=1).to(self.lora_A.dtype))
         self.register_buffer("merge_norm", None, persistent=False)  # (out,), set by merged() for unmerged()
 
     def _base_weight(self) -> Tensor:
-        w = self.base.weight
-        w = w.T if type(self.base).__name__ == "Conv1D" and hasattr(self.base, "nf") else w  # HF Conv1D is (in, out)
-        return w[self.rows]  # (out, in)
+        return self.target.weight_and_bias()[0]  # (out, in)
 
     def _base_bias(self) -> Tensor | None:
-        b = self.base.bias
-        return None if b is None else b[self.rows]
+        return self.target.weight_and_bias()[1]
 
     def _directional(self, weight: Tensor) -> Tensor:
         return weight + self.scale * (self.lora_B @ self.lora_A).to(weight.dtype)  # (out, in)

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import WHOLE, AdapterModule, MethodConfig, Target
-from ..core.targets import fused_parts
+from ..core import AdapterModule, MethodConfig, Target
 from . import _svd
 
 
@@ -73,10 +72,7 @@ class SALT(AdapterModule):
 
     def __init__(self, target: Target, config: SALTConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
-        base = target.module
-        weight = base.weight.T if type(base).__name__ == "Conv1D" else base.weight  # HF Conv1D stores (in, out)
-        rows = fused_parts(base)[target.part] if target.part != WHOLE else slice(None)
-        weight = weight[rows]  # (out, in)
+        weight, _ = target.weight_and_bias()  # (out, in)
         k = min(weight.shape)
         r = config.rank if config.rank is not None else max(1, math.floor(config.ratio * k))
         if r >= k:

@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import WHOLE, AdapterModule, MethodConfig, Target
-from ..core.targets import fused_parts
+from ..core import AdapterModule, MethodConfig, Target
 from . import _svd
 
 INITIAL_WD = "soma_initial_weight_decay"  # key this method adds to an optimizer param group
@@ -79,9 +78,7 @@ class SoMA(AdapterModule):
     def __init__(self, target: Target, config: SoMAConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
         base, r = target.module, config.r
-        weight = base.weight.T if type(base).__name__ == "Conv1D" else base.weight  # HF Conv1D stores (in, out)
-        rows = fused_parts(base)[target.part] if target.part != WHOLE else slice(None)
-        weight = weight[rows]  # (out, in)
+        weight, _ = target.weight_and_bias()  # (out, in)
         if r > min(weight.shape):
             raise ValueError(f"soma option r={r} exceeds the rank bound {min(weight.shape)} of {target.key!r}.")
         self.scale = config.alpha / r
