@@ -1,4 +1,5 @@
-"""The two reference points of every PEFT table: linear probing and full fine-tuning.
+"""The two reference points of every PEFT table: linear probing and full fine-tuning, the "Linear" and "Full" rows
+of the VTAB-1k and FGVC tables (Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119, Table 1).
 
 * ``linear``: the backbone is frozen and only the task head trains (VPT's "Linear" row; 0 parameters besides the
   head). Merging puts the trained head in place of the original.
