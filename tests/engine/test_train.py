@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import vpeft
+from vpeft.backbones.checkpoint import load_pretrained, read_state_dict
 from vpeft.engine import train as engine
 from vpeft.engine.config import load_config
-from vpeft.engine.model import build_model, load_pretrained, read_state_dict
 from vpeft.engine.optim import cosine_with_warmup, param_groups
+from vpeft.tasks.classification import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,8 +80,8 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, mo
 
     real_loader = engine._loader
 
-    def dying_loader(cfg, dataset, train, dist=None, epoch=0):
-        loader = real_loader(cfg, dataset, train, dist, epoch)
+    def dying_loader(cfg, task, dataset, train, dist=None, epoch=0):
+        loader = real_loader(cfg, task, dataset, train, dist, epoch)
         if not (train and epoch == 1):
             return loader
 

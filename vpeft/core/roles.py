@@ -20,5 +20,5 @@ ROLES: dict[str, tuple[str, ...]] = {
     # whole sub-blocks: their input is the normalised residual stream, their output goes back into it
     "attn": ("attn",),
     "mlp": ("mlp", r".*layer\.\d+\.output\.dense"),
-    "block": (r"blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+"),
+    "block": (r"(.*\.)?blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+"),
 }

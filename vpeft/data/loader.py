@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ def build_loader(
     num_replicas: int = 1,
     rank: int = 0,
     pin_memory: bool = False,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Build a ``DataLoader`` over an :class:`EpochSampler`: shuffled by ``(seed, epoch)`` when ``train``.
 
@@ -113,6 +114,7 @@ def build_loader(
         num_replicas: DDP world size (the sampler yields this rank's shard).
         rank: DDP rank.
         pin_memory: Passed to ``DataLoader``.
+        collate_fn: Passed to ``DataLoader`` (``None``: torch's default collate).
 
     Returns:
         The loader; ``loader.sampler`` is the :class:`EpochSampler`.
@@ -129,6 +131,7 @@ def build_loader(
         generator=generator,
         persistent_workers=False,
         pin_memory=pin_memory,
+        collate_fn=collate_fn,
     )
 
 

@@ -38,6 +38,7 @@ from ..core import build_config
 from ..core.io import atomic_write
 from ..methods import METHODS
 from ..registry import lookup
+from ..tasks import TASKS
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "dump_config", "config_diff"]
 
@@ -57,7 +58,11 @@ Pair = Annotated[tuple[Unit, Unit], BeforeValidator(lambda v: tuple(v) if isinst
 
 
 class ModelConfig(_Section):
-    """The timm backbone. ``pretrained`` is a local checkpoint file; ``kwargs`` go to ``timm.create_model``."""
+    """The backbone (a timm name, or ``family:name`` from ``vpeft.backbones.BACKBONES``) and the task's head.
+
+    ``pretrained`` is a local checkpoint file; ``kwargs`` go to the backbone's builder (``timm.create_model``);
+    ``head`` is ``{name: ..., <options>}`` as the task reads it (classification: ``{pool: token|avg|both}``).
+    """
 
     name: str
     pretrained: str | None = None
@@ -66,6 +71,7 @@ class ModelConfig(_Section):
     drop_path: Unit = 0.0
     kwargs: dict[str, Any] = {}
     grad_checkpointing: bool = False
+    head: dict[str, Any] = {}  # the task's head: `name` and its options (classification: `pool`)
 
 
 class MethodSection(_Section):
@@ -149,11 +155,21 @@ class RunConfig(_Section):
     """A whole run: backbone, method, data, optimizer and loop settings, plus an optional run name."""
 
     name: str | None = None
+    task: str = "classification"
     model: ModelConfig
     method: MethodSection = MethodSection()
     data: DataConfig
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+
+    @pydantic.field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        try:
+            lookup(TASKS, value, "task")
+        except KeyError as err:
+            raise PydanticCustomError("task", "{message}", {"message": err.args[0]}) from None
+        return value
 
 
 class _Loader(yaml.SafeLoader):

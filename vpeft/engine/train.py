@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.data
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -30,13 +28,12 @@ from tqdm import tqdm
 import vpeft
 
 from ..core import io
-from ..data import build_dataset, build_loader, build_transform
+from ..data import build_loader
+from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_diff, dump_config, load_config
-from .evaluate import evaluate
 from .logger import MetricsLog
-from .model import build_model
 from .optim import build_optimizer, cosine_with_warmup
 from .system import environment, peak_memory_mb, reset_peak_memory
 
@@ -56,8 +53,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     device = dist.device
     start = time.perf_counter()
 
-    model, datasets, data_config = build_run(cfg)
-    calibration = _calibration_batches(cfg, datasets["train"]) if _needs_calibration(cfg) else None
+    task, model, datasets = build_run(cfg)
+    calibration = _calibration_batches(cfg, task, datasets["train"]) if _needs_calibration(cfg) else None
     report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **cfg.method.options)
     log.info("%s", report)
     model.to(device)
@@ -65,7 +62,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         model.set_grad_checkpointing(True)
     net = dist.wrap(model)  # DistributedDataParallel under torchrun; the model itself otherwise
 
-    steps_per_epoch = math.ceil(len(_loader(cfg, datasets["train"], True, dist)) / cfg.optim.accumulate)
+    steps_per_epoch = math.ceil(len(_loader(cfg, task, datasets["train"], True, dist)) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -87,15 +84,14 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     checked = False
     for epoch in range(counters["epoch"], cfg.train.epochs):
         model.train()
-        loader = _loader(cfg, datasets["train"], True, dist, epoch)
+        loader = _loader(cfg, task, datasets["train"], True, dist, epoch)
         tic, seen, window = time.perf_counter(), 0, []  # window: losses of the micro-batches of one step
         quiet = None if dist.main else True  # None: tqdm shows a bar on a terminal only
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=quiet)
-        for i, (images, labels) in enumerate(bar):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for i, batch in enumerate(bar):
+            batch = task.to_device(batch, device)
             with autocast:
-                logits = net(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+                loss = task.loss(net, batch)
                 extra = vpeft.method_loss(model)
                 if extra is not None:
                     loss = loss + extra
@@ -107,7 +103,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             # a short last group at the end of the epoch averages over its own micro-batches
             group = min(cfg.optim.accumulate, len(loader) - i // cfg.optim.accumulate * cfg.optim.accumulate)
             (scaler.scale(loss) if scaler else loss).div(group).backward()
-            seen += labels.numel()
+            seen += task.items(batch)
             window.append(dist.sum(loss.detach().float().reshape(1)).item() / dist.world)
             if (i + 1) % cfg.optim.accumulate and i + 1 != len(loader):
                 continue
@@ -139,10 +135,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         counters["epoch"] = epoch + 1
         last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and counters["step"] >= cfg.train.max_steps)
         if "val" in datasets and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-            val = evaluate(model, _loader(cfg, datasets["val"], False, dist), device, autocast, dist.sum)
+            val = task.evaluate(model, _loader(cfg, task, datasets["val"], False, dist), device, autocast, dist.sum)
             if dist.main:
                 metrics.log({"step": counters["step"], "epoch": epoch + 1, "split": "val", **val})
-            if counters["best"] is None or val["top1"] > counters["best"]["top1"]:
+            if counters["best"] is None or val[task.metric] > counters["best"][task.metric]:
                 counters["best"] = {"epoch": epoch + 1, **val}
         if dist.main:
             save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
@@ -151,7 +147,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         if last:
             break
 
-    test = evaluate(model, _loader(cfg, datasets["test"], False, dist), device, autocast, dist.sum)
+    test = task.evaluate(model, _loader(cfg, task, datasets["test"], False, dist), device, autocast, dist.sum)
     if dist.main:
         metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
         metrics.close()
@@ -161,6 +157,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         "method": cfg.method.name,
         "model": cfg.model.name,
         "dataset": cfg.data.name,
+        "task": cfg.task,
+        "metric": task.metric,
         "trainable_params": report.trainable,
         "trainable_params_with_head": report.trainable + report.head,
         "total_params": report.base_total + report.trainable,
@@ -179,44 +177,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     return summary
 
 
-def build_run(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """The model (with its pretrained weights, before any method) and the datasets of a run config.
+def build_run(cfg: RunConfig) -> tuple[Task, nn.Module, dict[str, Any]]:
+    """The task, its model (pretrained weights loaded, before any method) and its datasets.
 
     Seeds the RNGs first: without a pretrained file the backbone's random weights come from ``train.seed``, so
     ``tools/test.py`` rebuilds the very backbone the run trained on.
     """
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    data_config = data_config_of(cfg)
-    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
-    datasets = {}
-    for role, split in splits.items():
-        if split is None:
-            continue
-        transform = build_transform(data_config, cfg.data.augment, train=role == "train")
-        datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
-    num_classes = cfg.model.num_classes or datasets["train"].num_classes
-    model = build_model(
-        cfg.model.name,
-        num_classes=num_classes,
-        pretrained=cfg.model.pretrained,
-        img_size=cfg.model.img_size,
-        drop_path=cfg.model.drop_path,
-        **cfg.model.kwargs,
-    )
-    return model, datasets, data_config
-
-
-def data_config_of(cfg: RunConfig) -> dict[str, Any]:
-    """Input size, mean, std, interpolation and crop of the backbone's pretrained configuration (timm's)."""
-    try:
-        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model.name)
-    except RuntimeError:
-        pretrained_cfg = None
-    if pretrained_cfg is None:
-        raise ValueError(f"model.name {cfg.model.name!r} is not a timm model with a pretrained configuration.")
-    size = cfg.data.img_size or cfg.model.img_size or cfg.model.kwargs.get("img_size")
-    args = {"input_size": (3, size, size)} if size else {}
-    return timm.data.resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
+    task = build_task(cfg)
+    model, datasets = task.build()
+    return task, model, datasets
 
 
 def check_gradients(model: nn.Module) -> None:
@@ -251,7 +221,9 @@ def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _loader(cfg: RunConfig, dataset: Any, train: bool, dist: distributed.Dist | None = None, epoch: int = 0) -> Any:
+def _loader(
+    cfg: RunConfig, task: Task, dataset: Any, train: bool, dist: distributed.Dist | None = None, epoch: int = 0
+) -> Any:
     """Training: this process's shard of the ``(seed, epoch)`` permutation. Evaluation: every ``world``-th item from
     ``rank``, unpadded, so the summed counts over the processes are exact."""
     world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
@@ -268,6 +240,7 @@ def _loader(cfg: RunConfig, dataset: Any, train: bool, dist: distributed.Dist | 
         epoch=epoch,
         num_replicas=world,
         rank=rank,
+        collate_fn=task.collate,
     )
 
 
@@ -277,10 +250,10 @@ def _needs_calibration(cfg: RunConfig) -> bool:
     return METHODS[cfg.method.name].needs_calibration
 
 
-def _calibration_batches(cfg: RunConfig, dataset: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``data.calibration_batches`` batches of the training split, in a fixed order."""
+def _calibration_batches(cfg: RunConfig, task: Task, dataset: Any) -> list[Any]:
+    """The first ``data.calibration_batches`` batches of the training split, in a fixed order, as methods take them."""
     count = cfg.data.calibration_batches or 16
-    return list(itertools.islice(_loader(cfg, dataset, train=False), count))
+    return [task.calibration(b) for b in itertools.islice(_loader(cfg, task, dataset, train=False), count)]
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> None:

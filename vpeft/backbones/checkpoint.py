@@ -1,6 +1,6 @@
-"""Build the timm model a run config names, with its pretrained weights from a local file.
+"""Pretrained weights from a local checkpoint file, loaded safely and strictly.
 
-Nothing is downloaded: ``model.pretrained`` is a path to a ``.safetensors``, ``.pth``/``.pt``/``.bin`` (loaded with
+Nothing is downloaded: a checkpoint is a path to a ``.safetensors``, ``.pth``/``.pt``/``.bin`` (loaded with
 ``torch.load(weights_only=True)``, which refuses pickled code) or ``.npz`` (big_vision/JAX ViT) checkpoint. The usual
 wrappers are stripped (``state_dict``/``model``/``module`` nesting, ``module.``/``_orig_mod.``/``model.`` prefixes),
 the absolute position embedding is resampled when the grid differs (timm's own filter), and the load is strict: a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -20,26 +19,6 @@ from torch import nn
 
 log = logging.getLogger("vpeft")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
-
-
-def build_model(
-    name: str,
-    num_classes: int,
-    pretrained: str | None = None,
-    img_size: int | None = None,
-    drop_path: float = 0.0,
-    **kwargs: Any,
-) -> nn.Module:
-    """``timm.create_model(name)`` with random weights, then ``pretrained`` loaded into it when given."""
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ValueError(f"model.name {name!r}: {err}") from None
-    if pretrained:
-        load_pretrained(model, pretrained)
-    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

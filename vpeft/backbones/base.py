@@ -1,0 +1,115 @@
+"""One interface over ViT-family image encoders from timm, open_clip and segment_anything.
+
+A :class:`Backbone` wraps the library's own module as ``self.model`` (methods adapt it in place, so module names stay
+the library's: ``model.blocks.3.attn.qkv``) and answers what heads and data pipelines need:
+
+- ``features(x, indices)``: the outputs of the chosen blocks as (B, C, h, w) maps, for dense heads;
+- ``forward(x)``: the final token sequence (B, N, C) (prefix tokens first, then the h * w patch tokens);
+- ``pool(tokens, kind)``: a (B, C) vector (class token, average of the patch tokens, or both concatenated);
+- ``embed_dim``, ``patch_size``, ``num_prefix_tokens``, ``depth``, ``grid(size)``;
+- ``data_config``: the pretrained normalisation (input_size, mean, std, interpolation, crop_pct) that the data
+  transforms follow.
+
+Block outputs are read with forward hooks while the library's own forward runs, so gradient checkpointing, prompt
+tokens (VPT) and whatever the library does between blocks keep working. The patch tokens are the last h * w tokens of
+a block's output: prefix (class, register) tokens and prompts sit before them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+POOLS = ("token", "avg", "both")
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses set the attributes below and implement :meth:`run` and :meth:`blocks`."""
+
+    embed_dim: int
+    patch_size: int
+    num_prefix_tokens: int
+    data_config: dict[str, Any]
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    # -- what a family provides --------------------------------------------------------------------------------
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks in order (their outputs are the features)."""
+        raise NotImplementedError
+
+    def run(self, x: Tensor) -> Tensor:
+        """The library's forward up to the final token sequence (B, N, C), or (B, C, h, w) for grid encoders."""
+        raise NotImplementedError
+
+    # -- one implementation for every family -------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.blocks())
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) of an input of ``size`` (H, W)."""
+        return size[0] // self.patch_size, size[1] // self.patch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)
+
+    def features(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        """Outputs of blocks ``indices`` (negative counts from the end) as (B, embed_dim, h, w) maps."""
+        wanted = self._resolve(indices)
+        h, w = self.grid(tuple(x.shape[-2:]))
+        found: dict[int, Tensor] = {}
+
+        def keep(i: int):
+            def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+                found[i] = output
+
+            return hook
+
+        blocks = self.blocks()
+        handles = [blocks[i].register_forward_hook(keep(i)) for i in sorted(set(wanted))]
+        try:
+            self.run(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [self._as_map(found[i], h, w) for i in wanted]
+
+    def pool(self, tokens: Tensor, kind: str = "token") -> Tensor:
+        """(B, N, C) tokens -> (B, C) (``token``, ``avg`` over the patch tokens) or (B, 2C) (``both``)."""
+        if kind not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {kind!r}.")
+        if tokens.dim() == 4:  # a grid encoder's (B, C, h, w): only the average exists
+            if kind != "avg":
+                raise ValueError(f"{type(self).__name__} has no class token; use pool='avg'.")
+            return tokens.mean(dim=(2, 3))
+        prefix = self.num_prefix_tokens
+        if kind != "avg" and prefix == 0:
+            raise ValueError(f"{type(self).__name__} has no class token; use pool='avg'.")
+        cls, avg = tokens[:, 0], tokens[:, prefix:].mean(dim=1)
+        if kind == "token":
+            return cls
+        return avg if kind == "avg" else torch.cat([cls, avg], dim=-1)
+
+    def _resolve(self, indices: Sequence[int]) -> list[int]:
+        depth = self.depth
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad or not indices:
+            raise ValueError(
+                f"feature indices {list(indices)} do not fit a backbone with {depth} blocks; use 0..{depth - 1} "
+                "(or negative indices from the end)."
+            )
+        return [i % depth for i in indices]
+
+    def _as_map(self, out: Tensor, h: int, w: int) -> Tensor:
+        if out.dim() == 4:  # (B, h, w, C) grid blocks (SAM)
+            return out.permute(0, 3, 1, 2).contiguous()
+        if out.shape[1] < h * w:
+            raise ValueError(f"a block output has {out.shape[1]} tokens, fewer than the {h}x{w} patch grid.")
+        patches = out[:, -h * w :]  # (B, h*w, C): prompts and prefix tokens come first
+        return patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)  # (B, C, h, w)

@@ -1,0 +1,133 @@
+"""Image classification: cross-entropy with label smoothing; loss, top-1 and top-5 accuracy (percent).
+
+The model is the timm model itself (timm's own head and pooling, so adapters keep timm's module names) when the
+backbone is a timm name and ``model.head.pool`` is ``token`` or ``avg`` (timm's ``global_pool``); other backbones,
+and ``pool: both``, get :class:`~vpeft.heads.classification.Classifier`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import timm
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..backbones import build_backbone
+from ..backbones.checkpoint import load_pretrained
+from ..data import build_dataset, build_transform
+from ..heads.classification import Classifier
+from .base import Reduce, Task
+
+
+class ClassificationTask(Task):
+    metric = "top1"
+
+    def build(self) -> tuple[nn.Module, dict[str, Dataset]]:
+        cfg = self.cfg
+        data_config = self.data_config()
+        splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+        datasets = {}
+        for role, split in splits.items():
+            if split is not None:
+                transform = build_transform(data_config, cfg.data.augment, train=role == "train")
+                datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
+        num_classes = cfg.model.num_classes or datasets["train"].num_classes
+        options = dict(cfg.model.head)
+        pool = options.pop("pool", None)  # None: the backbone's own default (timm's global_pool)
+        if options:
+            raise ValueError(f"model.head: classification takes only `pool`, got {sorted(options)}.")
+        if ":" in cfg.model.name or pool == "both":
+            backbone = build_backbone(
+                cfg.model.name, img_size=cfg.model.img_size, drop_path=cfg.model.drop_path, **cfg.model.kwargs
+            )
+            if cfg.model.pretrained:
+                load_pretrained(backbone.model, cfg.model.pretrained)
+            return Classifier(backbone, num_classes, pool or "token"), datasets
+        kwargs = {**cfg.model.kwargs, **({"global_pool": pool} if pool else {})}
+        model = build_model(
+            cfg.model.name, num_classes, cfg.model.pretrained, cfg.model.img_size, cfg.model.drop_path, **kwargs
+        )
+        return model, datasets
+
+    def data_config(self) -> dict[str, Any]:
+        """Input size, mean, std, interpolation and crop of the backbone's pretrained configuration (timm's)."""
+        cfg = self.cfg
+        try:
+            pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model.name)
+        except RuntimeError:
+            pretrained_cfg = None
+        if pretrained_cfg is None:
+            raise ValueError(f"model.name {cfg.model.name!r} is not a timm model with a pretrained configuration.")
+        size = cfg.data.img_size or cfg.model.img_size or cfg.model.kwargs.get("img_size")
+        args = {"input_size": (3, size, size)} if size else {}
+        return timm.data.resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, labels = batch
+        logits = model(images)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        device: torch.device,
+        autocast: contextlib.AbstractContextManager | None = None,
+        reduce: Reduce | None = None,
+    ) -> dict[str, float]:
+        return evaluate(model, loader, device, autocast, reduce)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    pretrained: str | None = None,
+    img_size: int | None = None,
+    drop_path: float = 0.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model(name)`` with random weights, then ``pretrained`` (a local file) loaded into it."""
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(f"model.name {name!r}: {err}") from None
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    reduce: Reduce | None = None,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 over ``loader``; ``reduce`` sums the counts over data-parallel processes."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, items
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast or contextlib.nullcontext():
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        hits1 = (top[:, 0] == labels).sum().item()
+        hits5 = (top == labels[:, None]).any(dim=1).sum().item()
+        loss = F.cross_entropy(logits, labels, reduction="sum").item()
+        sums += torch.tensor([loss, hits1, hits5, labels.numel()], dtype=torch.float64)
+    model.train(was_training)
+    loss_sum, correct1, correct5, total = (reduce(sums) if reduce else sums).tolist()
+    if total == 0:
+        raise ValueError("evaluation split is empty")
+    return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
