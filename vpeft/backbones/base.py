@@ -6,7 +6,9 @@ the library's: ``model.blocks.3.attn.qkv``) and answers what heads and data pipe
 - ``features(x, indices)``: the outputs of the chosen blocks as (B, C, h, w) maps, for dense heads;
 - ``forward(x)``: the final token sequence (B, N, C) (prefix tokens first, then the h * w patch tokens);
 - ``pool(tokens, kind)``: a (B, C) vector (class token, average of the patch tokens, or both concatenated);
-- ``embed_dim``, ``patch_size``, ``num_prefix_tokens``, ``depth``, ``grid(size)``;
+- ``embed_dim`` (width of the block features), ``out_dim`` (width of ``forward``/``pool``: ``embed_dim``, or the
+  neck's channels for SAM), ``patch_size``, ``num_prefix_tokens``, ``depth``, ``grid(size)``, ``input_size`` (the
+  one input size a model with a fixed position grid takes; ``None`` when any multiple of the patch size works);
 - ``data_config``: the pretrained normalisation (input_size, mean, std, interpolation, crop_pct) that the data
   transforms follow.
 
@@ -33,6 +35,7 @@ class Backbone(nn.Module):
     patch_size: int
     num_prefix_tokens: int
     data_config: dict[str, Any]
+    input_size: tuple[int, int] | None = None
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -47,27 +50,58 @@ class Backbone(nn.Module):
         """The library's forward up to the final token sequence (B, N, C), or (B, C, h, w) for grid encoders."""
         raise NotImplementedError
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks in the backward pass instead of storing their activations."""
+        raise NotImplementedError
+
     # -- one implementation for every family -------------------------------------------------------------------
     @property
     def depth(self) -> int:
         return len(self.blocks())
+
+    @property
+    def out_dim(self) -> int:
+        """Width of :meth:`forward`'s tokens and of ``pool(..., "token" | "avg")``."""
+        return self.embed_dim
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise for an image the backbone cannot take: a side not a multiple of the patch, or another fixed grid."""
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} takes (B, C, H, W) images, got shape {tuple(x.shape)}.")
+        size, p = tuple(x.shape[-2:]), self.patch_size
+        if size[0] % p or size[1] % p:
+            fit = tuple(max(p, round(s / p) * p) for s in size)
+            raise ValueError(
+                f"input size {size[0]}x{size[1]} is not a multiple of the patch size {p} of {type(self).__name__}; "
+                f"resize or pad to a multiple, e.g. {fit[0]}x{fit[1]}."
+            )
+        if self.input_size is not None and size != tuple(self.input_size):
+            h, w = self.grid(self.input_size)
+            raise ValueError(
+                f"input size {size[0]}x{size[1]} (grid {size[0] // p}x{size[1] // p}) differs from the "
+                f"{self.input_size[0]}x{self.input_size[1]} (grid {h}x{w}) that this {type(self).__name__} was built "
+                f"for, and its position embedding has a fixed grid. Build it with img_size={size[0]} (model.img_size):"
+                " a checkpoint's position embedding is then interpolated to the new grid when it loads."
+            )
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (h, w) of an input of ``size`` (H, W)."""
         return size[0] // self.patch_size, size[1] // self.patch_size
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
         return self.run(x)
 
     def features(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
         """Outputs of blocks ``indices`` (negative counts from the end) as (B, embed_dim, h, w) maps."""
         wanted = self._resolve(indices)
+        self.check_input(x)
         h, w = self.grid(tuple(x.shape[-2:]))
         found: dict[int, Tensor] = {}
 
         def keep(i: int):
             def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-                found[i] = output
+                found[i] = output[0] if isinstance(output, tuple) else output  # HF layers: (hidden, extras...)
 
             return hook
 

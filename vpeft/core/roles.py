@@ -10,13 +10,38 @@ from __future__ import annotations
 
 ROLES: dict[str, tuple[str, ...]] = {
     # one projection of attention; fused ``qkv`` Linears and nn.MultiheadAttention are sliced
-    "q": ("attn.qkv[q]", "attn.q_proj", "attn[q]", "attention.self.query", "self_attn.q_proj", "attn.c_attn[q]"),
-    "k": ("attn.qkv[k]", "attn.k_proj", "attn[k]", "attention.self.key", "self_attn.k_proj", "attn.c_attn[k]"),
-    "v": ("attn.qkv[v]", "attn.v_proj", "attn[v]", "attention.self.value", "self_attn.v_proj", "attn.c_attn[v]"),
+    # (timm/SAM fused qkv, timm EVA, open_clip MHA, HF BERT, HF ViT, HF Llama, HF GPT-2)
+    "q": (
+        "attn.qkv[q]",
+        "attn.q_proj",
+        "attn[q]",
+        "attention.self.query",
+        "attention.attention.query",
+        "self_attn.q_proj",
+        "attn.c_attn[q]",
+    ),
+    "k": (
+        "attn.qkv[k]",
+        "attn.k_proj",
+        "attn[k]",
+        "attention.self.key",
+        "attention.attention.key",
+        "self_attn.k_proj",
+        "attn.c_attn[k]",
+    ),
+    "v": (
+        "attn.qkv[v]",
+        "attn.v_proj",
+        "attn[v]",
+        "attention.self.value",
+        "attention.attention.value",
+        "self_attn.v_proj",
+        "attn.c_attn[v]",
+    ),
     "qkv": ("attn.qkv", "attn.c_attn"),
     "attn_out": ("attn.proj", r".*attn\.out_proj", "attention.output.dense", "self_attn.o_proj", "attn.c_proj"),
-    "mlp_in": ("mlp.fc1", "mlp.c_fc", "intermediate.dense", "mlp.up_proj"),
-    "mlp_out": ("mlp.fc2", "mlp.c_proj", r".*layer\.\d+\.output\.dense", "mlp.down_proj"),
+    "mlp_in": ("mlp.fc1", "mlp.c_fc", "mlp.lin1", "intermediate.dense", "mlp.up_proj"),  # lin1: segment_anything
+    "mlp_out": ("mlp.fc2", "mlp.c_proj", "mlp.lin2", r".*layer\.\d+\.output\.dense", "mlp.down_proj"),
     # whole sub-blocks: their input is the normalised residual stream, their output goes back into it
     "attn": ("attn",),
     "mlp": ("mlp", r".*layer\.\d+\.output\.dense"),

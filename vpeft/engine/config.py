@@ -66,6 +66,7 @@ class ModelConfig(_Section):
 
     name: str
     pretrained: str | None = None
+    strict: bool = True  # false: load what fits and log the rest (a partly random model; ask for it explicitly)
     num_classes: int | None = Field(None, ge=1)
     img_size: int | None = Field(None, ge=1)
     drop_path: Unit = 0.0

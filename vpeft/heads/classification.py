@@ -18,7 +18,7 @@ class Classifier(nn.Module):
         if pool not in POOLS:
             raise ValueError(f"model.head.pool must be one of {POOLS}, got {pool!r}.")
         self.backbone, self.pool = backbone, pool
-        width = backbone.embed_dim * (2 if pool == "both" else 1)
+        width = backbone.out_dim * (2 if pool == "both" else 1)
         self.head = nn.Linear(width, num_classes)
 
     def get_classifier(self) -> nn.Module:

@@ -29,33 +29,40 @@ class ClassificationTask(Task):
 
     def build(self) -> tuple[nn.Module, dict[str, Dataset]]:
         cfg = self.cfg
-        data_config = self.data_config()
-        splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+        options = dict(cfg.model.head)
+        pool = options.pop("pool", None)  # None: the backbone's own default (timm's global_pool)
+        if options:
+            raise ValueError(f"model.head: classification takes only `pool`, got {sorted(options)}.")
+        backbone = None
+        if ":" in cfg.model.name or pool == "both":  # a vpeft Backbone with the Classifier head
+            backbone = build_backbone(
+                cfg.model.name,
+                pretrained=cfg.model.pretrained,
+                strict=cfg.model.strict,
+                img_size=cfg.model.img_size,
+                drop_path=cfg.model.drop_path,
+                **cfg.model.kwargs,
+            )
+            data_config = backbone.data_config
+        else:
+            data_config = self.data_config()
         datasets = {}
+        splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
         for role, split in splits.items():
             if split is not None:
                 transform = build_transform(data_config, cfg.data.augment, train=role == "train")
                 datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
         num_classes = cfg.model.num_classes or datasets["train"].num_classes
-        options = dict(cfg.model.head)
-        pool = options.pop("pool", None)  # None: the backbone's own default (timm's global_pool)
-        if options:
-            raise ValueError(f"model.head: classification takes only `pool`, got {sorted(options)}.")
-        if ":" in cfg.model.name or pool == "both":
-            backbone = build_backbone(
-                cfg.model.name, img_size=cfg.model.img_size, drop_path=cfg.model.drop_path, **cfg.model.kwargs
-            )
-            if cfg.model.pretrained:
-                load_pretrained(backbone.model, cfg.model.pretrained)
+        if backbone is not None:
             return Classifier(backbone, num_classes, pool or "token"), datasets
         kwargs = {**cfg.model.kwargs, **({"global_pool": pool} if pool else {})}
-        model = build_model(
-            cfg.model.name, num_classes, cfg.model.pretrained, cfg.model.img_size, cfg.model.drop_path, **kwargs
-        )
+        model = build_model(cfg.model.name, num_classes, None, cfg.model.img_size, cfg.model.drop_path, **kwargs)
+        if cfg.model.pretrained:
+            load_pretrained(model, cfg.model.pretrained, strict=cfg.model.strict)
         return model, datasets
 
     def data_config(self) -> dict[str, Any]:
-        """Input size, mean, std, interpolation and crop of the backbone's pretrained configuration (timm's)."""
+        """Input size, mean, std, interpolation and crop of a timm model's pretrained configuration."""
         cfg = self.cfg
         try:
             pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model.name)

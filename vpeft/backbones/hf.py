@@ -1,0 +1,112 @@
+"""Hugging Face transformers models from a local folder: ``hf:<directory>`` (``config.json`` + weights).
+
+``transformers.AutoModel.from_pretrained(directory, local_files_only=True)``: the folder's own weights, nothing
+downloaded. Language models (BERT, MiniLM, GPT-2, Llama...) go through the same core as the vision backbones: roles
+name their projections (``attention.self.query``, ``self_attn.q_proj``, ``attn.c_attn[q]``), so method defaults
+apply unchanged. ``forward`` returns ``last_hidden_state`` (B, N, C); call it with the tokenizer's output
+(``backbone(**tokens)``) or with images (``backbone(pixel_values)``) for a vision model (HF ViT), which also has
+``features``/``grid`` and the data config of the folder's ``preprocessor_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .base import Backbone
+
+_LAYER_LISTS = ("layer", "layers", "h", "blocks")  # BERT/ViT, Llama/Mistral, GPT-2, others
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("hf backbones need transformers: pip install 'vpeft[hf]'.") from None
+    return transformers
+
+
+class HFBackbone(Backbone):
+    """A ``transformers`` base model (no task head): the blocks are its first layer list."""
+
+    def __init__(self, model: nn.Module, directory: Path | None = None):
+        super().__init__(model)
+        config = model.config
+        self.embed_dim = int(config.hidden_size)
+        self.vision = bool(getattr(config, "patch_size", None) and getattr(config, "image_size", None))
+        self.patch_size = int(config.patch_size) if self.vision else 1
+        self.num_prefix_tokens = 1 if self.vision else 0
+        if self.vision:
+            size = config.image_size
+            self.input_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.data_config = _preprocessor(directory, self.input_size) if self.vision else {}
+        modules = model.named_modules()
+        lists = (n for n, m in modules if isinstance(m, nn.ModuleList) and n.split(".")[-1] in _LAYER_LISTS)
+        self.layers_path = next(lists, None)  # a path, not a module: the layers must stay under `model` only
+        if self.layers_path is None:
+            raise ValueError(f"{type(model).__name__} has no layer list named one of {_LAYER_LISTS}.")
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.get_submodule(self.layers_path)
+
+    def forward(self, x: Tensor | None = None, **inputs: Any) -> Tensor:
+        """``last_hidden_state`` for ``pixel_values`` (vision) or ``input_ids`` plus the tokenizer's other outputs."""
+        if x is not None:
+            if self.vision:
+                self.check_input(x)
+            inputs["pixel_values" if self.vision else "input_ids"] = x
+        return self.model(**inputs).last_hidden_state
+
+    def run(self, x: Tensor) -> Tensor:
+        return self.forward(x)
+
+    def features(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        if not self.vision:
+            raise ValueError(
+                f"{type(self.model).__name__} is a language model: it has no image grid to return feature maps on."
+            )
+        return super().features(x, indices)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def tokenizer(self, directory: str | Path) -> Any:
+        """The folder's tokenizer (offline)."""
+        return _transformers().AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def _preprocessor(directory: Path | None, size: tuple[int, int]) -> dict[str, Any]:
+    """The pretrained normalisation from ``preprocessor_config.json``; HF's ViT default (0.5, 0.5) when absent."""
+    saved = {}
+    if directory is not None and (directory / "preprocessor_config.json").is_file():
+        saved = json.loads((directory / "preprocessor_config.json").read_text())
+    return {
+        "input_size": (3, *size),
+        "mean": tuple(saved.get("image_mean", (0.5, 0.5, 0.5))),
+        "std": tuple(saved.get("image_std", (0.5, 0.5, 0.5))),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+
+
+def build_hf(directory: str, img_size: int | None = None, drop_path: float = 0.0, **kwargs: Any) -> HFBackbone:
+    """``AutoModel.from_pretrained(directory, local_files_only=True, **kwargs)``: the folder's weights."""
+    transformers = _transformers()
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"hf backbone: {path} is not a local model folder (no config.json). Give a directory holding config.json "
+            "and model.safetensors (e.g. from `huggingface-cli download <repo> --local-dir <dir>`); nothing is "
+            "downloaded."
+        )
+    if img_size is not None or drop_path:
+        raise ValueError("hf backbones take their size and regularisation from the folder's config.json.")
+    model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+    return HFBackbone(model, path)
