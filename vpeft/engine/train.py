@@ -143,6 +143,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         if dist.main:
             save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
             vpeft.save_adapter(model, run_dir / "adapter")
+            task.export(run_dir / "adapter")
         dist.barrier()
         if last:
             break

@@ -7,6 +7,7 @@
     loss = task.loss(net, task.to_device(batch, device))      # one micro-batch, a scalar
     metrics = task.evaluate(model, loader, device, autocast, reduce)   # dict; metrics[task.metric]: higher is better
     task.items(batch)                                # images in a batch (throughput)
+    task.export(run_dir / "adapter")                 # files the task keeps beside the adapter
 
 Batches are whatever the task's datasets and ``collate`` produce; ``to_device`` moves tensors in tuples, lists and
 dicts. ``reduce`` sums a float64 tensor over data-parallel processes, so ``evaluate`` accumulates sums, not means.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +53,9 @@ class Task:
         reduce: Reduce | None = None,
     ) -> dict[str, float]:
         raise NotImplementedError
+
+    def export(self, adapter_dir: Path) -> None:
+        """Write what the task keeps beside the saved adapter (e.g. the intensity rule a medical model needs)."""
 
     def items(self, batch: Any) -> int:
         """Images in a batch: the first dimension of its first tensor."""

@@ -1,0 +1,92 @@
+"""vpeft backbones in mmsegmentation: ``type='vpeft.Backbone'`` in an mmseg config.
+
+Rein, SoMA and Earth-Adapter are built on mmsegmentation. Importing this module registers :class:`MMSegBackbone` in
+``mmseg.registry.MODELS``, so an mmseg config can name a vpeft backbone with its PEFT method::
+
+    custom_imports = dict(imports=["vpeft.integrations.mmseg"], allow_failed_imports=False)
+    model = dict(
+        type="EncoderDecoder",
+        backbone=dict(
+            type="vpeft.Backbone",
+            name="vit_base_patch16_224",            # a vpeft backbone name (timm, or "family:name")
+            pretrained="checkpoints/vit_b16.safetensors",
+            method="lora", method_options=dict(r=8),
+            out_indices=(3, 5, 7, 11),
+            img_size=512,                            # other keys go to the backbone builder
+        ),
+        neck=dict(type="MultiLevelNeck", in_channels=[768] * 4, out_channels=768, scales=[4, 2, 1, 0.5]),
+        decode_head=dict(type="UPerHead", in_channels=[768] * 4, ...),
+    )
+
+The module returns a tuple of (B, C, h, w) maps, one per ``out_indices``, as mmseg backbones do. The method freezes
+the backbone except its own tensors; mmseg's neck and heads train as usual. Save the adapter alone with
+``vpeft.save_adapter(model.backbone.backbone, path)``. mmcv's compiled ops do not build against recent torch, but
+``mmseg.registry`` imports with ``mmcv-lite``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+try:
+    from mmengine.model import BaseModule
+    from mmengine.registry import Registry
+    from mmseg.registry import MODELS
+except ImportError as err:  # mmseg or mmengine missing
+    raise ImportError(
+        f"vpeft.integrations.mmseg needs mmsegmentation and mmengine ({err}); install them with "
+        "`pip install 'vpeft[mmseg]'` (mmsegmentation, mmengine and mmcv-lite)."
+    ) from err
+
+import vpeft
+
+from ..backbones import build_backbone
+from ..backbones.checkpoint import load_pretrained
+
+NAME = "vpeft.Backbone"
+
+
+class MMSegBackbone(BaseModule):
+    """A vpeft backbone with a PEFT method applied, as an mmseg backbone: ``forward(x) -> tuple`` of NCHW maps.
+
+    Args:
+        name: vpeft backbone name (``build_backbone``).
+        pretrained: Local checkpoint file loaded before the method is applied (None: random weights).
+        method: vpeft method name (``vpeft.METHODS``); ``method_options`` its options.
+        out_indices: Blocks whose outputs are returned.
+        **kwargs: For the backbone builder (``img_size``, ``drop_path``, timm keyword arguments).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | None = None,
+        method: str = "lora",
+        method_options: dict[str, Any] | None = None,
+        out_indices: Sequence[int] = (3, 5, 7, 11),
+        init_cfg: dict | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(init_cfg)
+        self.backbone = build_backbone(name, **kwargs)
+        if pretrained:
+            load_pretrained(self.backbone.model, pretrained)
+        self.out_indices = list(out_indices)
+        self.backbone._resolve(self.out_indices)  # fail now, not at the first forward pass
+        self.report = vpeft.apply_method(self.backbone, method, **(method_options or {}))
+
+    def init_weights(self) -> None:
+        """Keep the loaded weights: mmengine's init would overwrite the pretrained backbone."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.backbone.features(x, self.out_indices))
+
+
+# mmengine reads a dotted type as `scope.name`: "vpeft.Backbone" is "Backbone" in the child registry of scope "vpeft"
+VPEFT_MODELS = MODELS.children.get("vpeft") or Registry("model", parent=MODELS, scope="vpeft")
+VPEFT_MODELS.register_module(name=NAME.split(".")[1], module=MMSegBackbone, force=True)
+
+__all__ = ["NAME", "VPEFT_MODELS", "MMSegBackbone"]
