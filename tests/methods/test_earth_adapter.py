@@ -167,3 +167,16 @@ def test_grid_must_come_from_model_or_options():
         model(torch.randn(1, 7, 16))
     with pytest.raises(ValueError, match="fft_layers"):
         vpeft.apply_method(Bare(), "earth_adapter", head=(), grid=(2, 3), num_prefix_tokens=0, fft_layers=(1,))
+
+
+def test_grid_is_read_from_the_vit_inside_a_segmentation_model(images):
+    from vpeft.backbones import TimmBackbone
+    from vpeft.heads.segmentation import build_segmentation_model
+
+    from ..conftest import tiny_vit
+
+    model = build_segmentation_model(TimmBackbone(tiny_vit()), 3, "linear", indices=[-1])
+    vpeft.apply_method(model, "earth_adapter")  # the grid and prefix of backbone.model, found inside the task model
+    assert model(images).shape == (2, 3, 32, 32)
+    layers = [m for m in model.modules() if type(m).__name__ == "EarthAdapter"]
+    assert layers and all(layer.grid == (4, 4) and layer.prefix == 1 for layer in layers)

@@ -133,16 +133,17 @@ class EarthAdapter(AdapterModule):
         cls, config: EarthAdapterConfig, model: nn.Module, targets: list[Target], calibration: Any
     ) -> EarthAdapterConfig:
         grid, prefix = config.grid, config.num_prefix_tokens
+        # the timm ViT itself, or the one inside a task model (a segmentation model's backbone.model)
+        vit = next((m for m in model.modules() if hasattr(getattr(m, "patch_embed", None), "grid_size")), None)
         if grid is None:
-            size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-            if size is None:
+            if vit is None:
                 raise ValueError(
                     "earth_adapter needs the token grid: the model has no patch_embed.grid_size (timm); "
                     "pass grid=(H, W) and num_prefix_tokens=..."
                 )
-            grid = (int(size[0]), int(size[1]))
+            grid = (int(vit.patch_embed.grid_size[0]), int(vit.patch_embed.grid_size[1]))
         if prefix is None:
-            prefix = getattr(model, "num_prefix_tokens", None)
+            prefix = getattr(vit, "num_prefix_tokens", None)
             if prefix is None:
                 raise ValueError("earth_adapter: the model has no num_prefix_tokens (timm); pass num_prefix_tokens=...")
             prefix = int(prefix)
