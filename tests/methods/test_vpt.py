@@ -6,6 +6,7 @@ import copy
 import math
 
 import pytest
+import timm
 import torch
 
 import vpeft
@@ -143,3 +144,15 @@ def test_counts_vit_b16(vit_b16):
     vpeft.apply_method(model, "vpt_deep")
     v = model.blocks[3].adapters["default"]["all"].prompts.abs().max()
     assert 0.9 * 0.0625 < v <= 0.0625  # sqrt(6 / (3 * 16 * 16 + 768))
+
+
+def test_grid_blocks_without_a_token_axis_are_refused_with_the_reason():
+    sam = timm.create_model(
+        "samvit_base_patch16", img_size=32, depth=2, embed_dim=32, num_heads=2, global_attn_indexes=(1,),
+        window_size=2, neck_chans=16, num_classes=0,
+    )  # fmt: skip
+    vpeft.apply_method(sam, "vpt_deep", num_prompts=2)
+    with pytest.raises(
+        ValueError, match=r"vpt prepends tokens to \(B, N, D\) sequences; this block takes \(1, 2, 2, 32\)"
+    ):
+        sam(torch.randn(1, 3, 32, 32))

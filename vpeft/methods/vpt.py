@@ -91,6 +91,11 @@ class VPTShallow(AdapterModule):
     def adapt_input(self, x: Tensor) -> Tensor:
         if self.prompts is None:
             return x  # shallow, past the first block: the prompts travel with the sequence
+        if x.dim() != 3:
+            raise ValueError(
+                f"vpt prepends tokens to (B, N, D) sequences; this block takes {tuple(x.shape)} (a (B, h, w, C) grid, "
+                "as SAM's windowed blocks do), which has no place for prompt tokens. Use lora, adapter or salt here."
+            )
         b, k = x.shape[0], self.prefix
         prompts = self.dropout(self.prompts).to(x.dtype).expand(b, -1, -1)  # (p, D) -> (B, p, D)
         rest = x[:, k:] if self.first else x[:, k + self.p :]  # insert, or overwrite the previous block's p slots
