@@ -124,12 +124,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_table(variants: list[str], grad_ckpt: bool) -> None:
+    """Peak memory of each variant (one child process each, one at a time), printed as a markdown table as each
+    child finishes. Not affected by other load on the machine, unlike the timings."""
+    print(f"Gradient checkpointing: {'on' if grad_ckpt else 'off'}\n")
+    print("| variant | peak MB | x full | x HF LoRA |\n| --- | ---: | ---: | ---: |", flush=True)
+    peak = {}
+    for v in variants:
+        peak[v] = child_peak_memory(v, grad_ckpt)
+        full, hf = peak.get("full", float("nan")), peak.get(HF_LORA, float("nan"))
+        print(f"| {v} | {peak[v]:.0f} | {peak[v] / full:.3f} | {peak[v] / hf:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="all", help="comma-separated vpeft methods (default: all registered)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--out", type=Path, help="markdown table (default V-PEFT-Bench/perf/results/<device>.md)")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak memory table (no timing)")
+    parser.add_argument("--no-memory", action="store_true", help="only the timings (memory: --memory-only)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -138,6 +152,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     variants = ["full", "linear", HF_LORA] + [m for m in methods if m not in ("full", "linear")]
+    if args.memory_only:
+        return memory_table(variants, args.grad_ckpt)
     base = base_model().to(device)
     models = {v: build(v, base, args.grad_ckpt).to(device).train() for v in variants}
     steps = {v: step_fn(m, device) for v, m in models.items()}
@@ -160,7 +176,7 @@ def main() -> None:
             for k, m in infer.items():
                 m.eval()
                 infer_times[k].append(timed(lambda m=m: m(x), device))
-    peak = {v: child_peak_memory(v, args.grad_ckpt) for v in steps}
+    peak = {v: float("nan") if args.no_memory else child_peak_memory(v, args.grad_ckpt) for v in steps}
 
     step_ms = {v: 1000 * statistics.median(t) for v, t in step_times.items()}
     infer_ms = {k: 1000 * statistics.median(t) for k, t in infer_times.items()}
@@ -171,7 +187,8 @@ def main() -> None:
     lines = [
         f"# Speed and memory: {machine} ({cores} threads), torch {torch.__version__}, timm {timm.__version__}",
         "",
-        f"`python V-PEFT-Bench/perf/speed.py{' --grad-ckpt' if args.grad_ckpt else ''} --reps {args.reps}`; "
+        f"`python V-PEFT-Bench/perf/speed.py{' --grad-ckpt' if args.grad_ckpt else ''} --reps {args.reps}"
+        f"{'' if args.methods == 'all' else ' --methods ' + args.methods}{' --no-memory' if args.no_memory else ''}`; "
         f"vit_base_patch16_224, batch {BATCH}, {SIZE}x{SIZE}, AdamW; medians of {args.reps} interleaved rounds.",
         f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. Peak memory: "
         + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")

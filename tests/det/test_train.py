@@ -37,7 +37,7 @@ data:
   num_workers: 0
   options: {{counts: {{train: 16}}, size: 32, seed: 3, flip: 0.0}}
 optim:
-  lr: 5.0e-3
+  lr: 2.0e-3
   warmup_epochs: 0.5
 train:
   epochs: 30
@@ -74,7 +74,8 @@ def test_short_run_beats_the_prior_box_baseline(tmp_path, one_thread):
     baseline = prior_box_baseline(CocoDetection(root / "images" / "train", root / "instances_train.json"))
     assert summary["task"] == "detection" and summary["metric"] == "map"
     assert baseline["map_50"] < 10, baseline
-    # measured: 26.4 after these 60 steps (FCOS), against 0.18 for the prior boxes
+    # measured after these 60 steps (FCOS, lr 2e-3), train.seed 0-4: 28.5, 58.8, 31.9, 40.0, 29.0 against 0.18 for
+    # the prior boxes (at lr 5e-3 one seed in five stayed near 2: too high a rate for a test)
     assert summary["test"]["map_50"] > baseline["map_50"] + 15, (summary["test"], baseline)
 
 

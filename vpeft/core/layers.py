@@ -6,6 +6,8 @@ here, once:
 * :class:`Adapted` replaces a target module and holds it as ``base_layer``. For the active adapter it computes
   ``y = base_layer(adapt_input(x))`` and then ``adapt_output(x, y)``; on a fused projection (``attn.qkv``) each
   adapted slice gets its own module and only its columns of ``y`` change, so the other slices stay bit-identical.
+  The adapted slices of one projection are handed to one call, ``AdapterModule.adapt_slices``: by default it runs
+  each slice's ``adapt_output`` on its columns; a method may override it to compute all slices at once.
 * :class:`AdaptedMHA` does the same for ``nn.MultiheadAttention``, whose projections are applied inside one functional
   call; it feeds that call the adapters' ``merged`` weights, so only weight-space methods can target it.
 * :class:`HeadCopies` gives every adapter its own trainable copy of the task head.
@@ -46,6 +48,8 @@ class AdapterModule(nn.Module):
 
     * ``adapt_output(x, y)``: the output given the target's input ``x`` and base output ``y`` (LoRA, SSF, adapters);
     * ``adapt_input(x)``: the input the base layer sees (RepAdapter, prompts);
+    * ``adapt_slices(x, y, parts, slices)`` (class method): all adapted slices of one fused projection in one call;
+      by default ``adapt_output`` per slice, on its columns;
     * ``delta_weight()`` (additive methods) or ``merged``/``unmerged`` (the others) to fold into the base weights.
 
     Method-level hooks are class methods: ``prepare`` (data-dependent choices from calibration batches),
@@ -83,6 +87,22 @@ class AdapterModule(nn.Module):
     def unmerged(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Inverse of :meth:`merged`."""
         return weight - self.delta_weight().to(weight.dtype), bias
+
+    @classmethod
+    def adapt_slices(cls, x: Tensor, y: Tensor, parts: dict[str, AdapterModule], slices: dict[str, slice]) -> Tensor:
+        """The output of a fused projection (``attn.qkv``) from its input ``x``, its base output ``y`` (``(..., out)``)
+        and the adapters of its adapted slices, ``parts`` (part -> module; all of one adapter, so of one class).
+        ``slices`` maps every part of the projection, adapted or not, to its output columns, in column order.
+
+        By default each adapter changes only its own columns, through ``adapt_output`` on that chunk. A method may
+        override this to compute all its slices in one go (LoRA: one stacked A matmul, one dropout mask on ``x``);
+        an override must leave the columns of the slices not in ``parts`` bit-identical to ``y``.
+        """
+        chunks = list(y.split([s.stop - s.start for s in slices.values()], dim=-1))
+        for i, part in enumerate(slices):
+            if part in parts:
+                chunks[i] = parts[part].adapt_output(x, chunks[i])
+        return torch.cat(chunks, dim=-1)
 
     # ---- hooks, per method -------------------------------------------------------------------------------------
     @classmethod
@@ -153,13 +173,9 @@ class Adapted(nn.Module):
         y = out[0] if isinstance(out, tuple) else out  # HF layers return (hidden, extras...)
         if whole is not None:
             y = whole.adapt_output(x, y)
-        if self.slices and len(parts) > (whole is not None):
-            names = list(self.slices)
-            chunks = list(y.split([s.stop - s.start for s in self.slices.values()], dim=-1))
-            for i, part in enumerate(names):
-                if part in parts:
-                    chunks[i] = parts[part].adapt_output(x, chunks[i])
-            y = torch.cat(chunks, dim=-1)
+        sliced = {part: parts[part] for part in self.slices if part in parts}
+        if sliced:  # one call for all adapted slices: a method may compute them together (LoRA: one A matmul)
+            y = type(next(iter(sliced.values()))).adapt_slices(x, y, sliced, self.slices)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     # ---- weights, as (out, in, ...) views that merge writes through ---------------------------------------------

@@ -29,7 +29,8 @@ TK r = 32, s = 10 (cifar 32/0.1, caltech101 32/10, dtd 16/0.01, flowers 32/1, pe
 camelyon 32/10, eurosat 32/100, resisc45 32/10, retinopathy 16/1, clevr_count 32/10, clevr_dist 16/10, dmlab 32/10,
 kitti 32/10, dsprites_loc 32/100, dsprites_ori 32/1, smallnorb_azi 32/100, smallnorb_ele 16/10).
 Mergeable (``delta_weight``); dropout is the identity in eval mode. The width d is the smallest in/out width among
-the targets (768 on ViT-B); every target's widths must be multiples of it.
+the targets (768 on ViT-B); every target's widths must be multiples of it. The q, k, v slices of a fused qkv are
+computed together (``adapt_slices``): one code ``x U^T`` for the three, their cores stacked.
 """
 
 from __future__ import annotations
@@ -129,7 +130,23 @@ class FacTTT(AdapterModule):
         code = (x.unflatten(-1, (self.b, -1)) @ U.T).flatten(-2)  # (..., b*d) -> (..., b, d) -> (..., b*r)
         code = self.dropout(code @ self.core_matrix().T)  # (..., a*r)
         delta = (code.unflatten(-1, (self.a, -1)) @ V.T).flatten(-2)  # (..., a, r) -> (..., a, d) -> (..., a*d)
-        return y + self.scale * delta
+        return torch.add(y, delta, alpha=self.scale)  # y + s * delta in one pass over the output
+
+    @classmethod
+    def adapt_slices(cls, x: Tensor, y: Tensor, parts: dict[str, AdapterModule], slices: dict[str, slice]) -> Tensor:
+        """The q/k/v slices of a fused projection as one target with ``a`` = number of slices, ``b = 1``: they
+        share U, V and the scale, so one code ``x U^T``, their cores stacked (zeros for a slice not adapted), one
+        dropout on the stacked code (element-wise, so it draws as the per-slice calls do) and one V product."""
+        ordered = list(parts.values())
+        width = ordered[0].shared.U.shape[1]
+        if any(m.a != 1 or m.b != 1 for m in ordered) or any(s.stop - s.start != width for s in slices.values()):
+            return super().adapt_slices(x, y, parts, slices)
+        U, V = ordered[0].shared.U, ordered[0].shared.V
+        r = U.shape[0]
+        cores = [parts[p].core_matrix() if p in parts else U.new_zeros(r, r) for p in slices]  # (r, r) each
+        code = ordered[0].dropout((x @ U.T) @ torch.cat(cores).T)  # (..., n*r)
+        delta = (code.unflatten(-1, (len(cores), r)) @ V.T).flatten(-2)  # (..., n, r) -> (..., n, d) -> (..., n*d)
+        return torch.add(y, delta, alpha=ordered[0].scale)
 
     def delta_weight(self) -> Tensor:
         U, V = self.shared.U, self.shared.V

@@ -105,7 +105,8 @@ class SALT(AdapterModule):
             tail = tail + torch.diag(torch.relu(d) - d)
         tail = tail - torch.diag(S[r:])
         U, V = self.U, self.V
-        return (U[:, :r] * top) @ V[:, :r].T + (U[:, r:] @ tail) @ V[:, r:].T
+        # multi_dot picks the cheaper order: U (tail V^T) when out > in (qkv, fc1), (U tail) V^T otherwise
+        return (U[:, :r] * top) @ V[:, :r].T + torch.linalg.multi_dot([U[:, r:], tail, V[:, r:].T])
 
     def delta(self) -> Tensor:
         """The cached ``W' - W`` outside training when no gradient is wanted, else a fresh rebuild."""
