@@ -301,7 +301,7 @@ def _describe(error: dict[str, Any], origins: Origins, top: str) -> str:
         return f"{dotted} (in {source}): {_unknown_key(loc, holder) if holder else 'unknown key.'}"
     if error["type"] == "missing":
         return f"{dotted}: required key missing (config {top})"
-    if error["type"] == "method_option":
+    if error["type"] in ("method_option", "task"):  # messages that already name the value and the valid ones
         return f"{dotted} (in {source}): {error['ctx']['message']}"
     _, ann = _walk(loc)
     expected = f" (expected {_type_name(ann)})" if ann is not None and error["type"].endswith("_type") else ""
