@@ -11,6 +11,8 @@ name               layout (see each module's docstring)
 ``list``           NOAH VTAB-1k: ``<root>/<split>.txt`` lines ``<relative path> <label>``
 ``fashion_mnist``  IDX ``.gz`` files in ``/usr/share/datasets/fashion-mnist`` (``dataset-fashion-mnist``)
 ``digits``         scikit-learn's ``load_digits`` (no files); seeded stratified train/val/test split
+``vtab``           a VTAB-1k task folder (NOAH layout: ``train800``/``val200``/``train800val200``/``test`` lists)
+``fgvc``           an FGVC dataset in VPT's json splits; the label map is built once from ``train``
 =================  =====================================================================================
 """
 
@@ -24,9 +26,11 @@ from torch.utils.data import Dataset
 from vpeft.data.common import ImageDataset, balanced_subset, check_root
 from vpeft.data.digits import Digits
 from vpeft.data.fashion_mnist import FashionMNIST, read_idx
+from vpeft.data.fgvc import FGVCDataset
 from vpeft.data.folder import FolderDataset, ListDataset
 from vpeft.data.loader import EpochSampler, build_loader, seed_worker, set_epoch
 from vpeft.data.transforms import AUGMENT_POLICIES, build_transform
+from vpeft.data.vtab import VtabDataset
 from vpeft.registry import lookup
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
@@ -34,6 +38,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "list": ListDataset,
     "fashion_mnist": FashionMNIST,
     "digits": Digits,
+    "vtab": VtabDataset,
+    "fgvc": FGVCDataset,
 }
 
 
@@ -61,9 +67,11 @@ __all__ = [
     "Digits",
     "EpochSampler",
     "FashionMNIST",
+    "FGVCDataset",
     "FolderDataset",
     "ImageDataset",
     "ListDataset",
+    "VtabDataset",
     "balanced_subset",
     "build_dataset",
     "build_loader",

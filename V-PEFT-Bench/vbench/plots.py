@@ -1,0 +1,73 @@
+"""PNG plots of a leaderboard (matplotlib, Agg backend: no display needed).
+
+* ``accuracy_vs_params.png``: the overall mean of each method against its trainable parameters without the head
+  (symmetric-log x axis, so the linear probe's 0 sits at the left edge);
+* ``per_task_heatmap.png``: methods x tasks, the mean top-1 over seeds written in each cell.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _overall(row: dict[str, Any]) -> tuple[float | None, str]:
+    if row.get("mean_groups") is not None:
+        return row["mean_groups"], "Mean (groups)"
+    if row.get("mean_tasks") is not None:
+        return row["mean_tasks"], "Mean (tasks)"
+    return None, ""
+
+
+def accuracy_vs_params(table: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Scatter of the overall mean against trainable parameters; methods without a complete mean are left out."""
+    points = [(row["params"], *_overall(row), row["method"]) for row in table if _overall(row)[0] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for params, score, _, method in points:
+        ax.scatter(params, score, s=30)
+        ax.annotate(method, (params, score), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("symlog", linthresh=1e3)
+    ax.set_xlabel("trainable parameters without the head (symlog)")
+    ax.set_ylabel(f"top-1 (%), {points[0][2]}")
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmap(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], path: Path, title: str) -> Path | None:
+    """Methods (rows, leaderboard order) x tasks (columns, suite order), blank where there is no result."""
+    if not table:
+        return None
+    names = [t for t, _ in tasks]
+    grid = np.full((len(table), len(names)), np.nan)
+    for i, row in enumerate(table):
+        for j, task in enumerate(names):
+            if task in row["cells"]:
+                grid[i, j] = row["cells"][task].mean
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 1.2 + 0.32 * len(table)))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6, color="white")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(table)), [row["method"] for row in table], fontsize=7)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
+    fig.colorbar(image, ax=ax, label="top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

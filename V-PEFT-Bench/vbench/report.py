@@ -1,0 +1,128 @@
+"""Write a suite's leaderboard: markdown, CSV per protocol, PNG plots, the published table and ``runs.jsonl``.
+
+``runs.jsonl`` holds every record (without the resolved config; ``overrides`` plus the recipe and the git commit
+rebuild it), so a committed leaderboard is regenerated from it alone::
+
+    python V-PEFT-Bench/leaderboard.py --suite minivtab --results V-PEFT-Bench/results/minivtab/runs.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vpeft.core.io import atomic_write
+from vpeft.data.fgvc import FGVC
+from vpeft.data.vtab import SUITES
+
+from . import board, plots
+from .protocol import PROTOCOLS, label
+from .suite import ROOT, Suite
+
+PUBLISHED = ROOT / "V-PEFT-Bench" / "published"
+METRICS = {"standard": ("top1",), "literature": ("top1_best_epoch", "top1")}
+MEANS = (
+    "Top-1 (%) on the test split, mean ± sample std over seeds. **Mean (groups)** = mean of the Natural, "
+    "Specialized and Structured group means (NOAH/VPT/SSF/FacT convention); **Mean (tasks)** = plain mean over the "
+    'tasks (V-PETL Bench\'s "Mean"). Blank = some part has no result yet. Params: trainable parameters without the '
+    "classification head, averaged over tasks."
+)
+
+
+def suite_tasks(suite: Suite) -> list[tuple[str, str]]:
+    if suite.tasks == "fgvc":
+        return [(name, "fgvc") for name in FGVC]
+    return [(t.name, t.group) for t in SUITES[suite.tasks].values()]
+
+
+def _write(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _cost(records: list[dict[str, Any]]) -> str:
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "ok":
+            by_method[r["method"]].append(r)
+    lines = ["| method | runs | wall s (all runs) | train images/s (mean) | peak memory MB (max) |", "|" + " --- |" * 5]
+    for method, mine in sorted(by_method.items(), key=lambda kv: -sum(r["wall_seconds"] for r in kv[1])):
+        wall = sum(r["wall_seconds"] for r in mine)
+        speed = statistics.fmean(r["images_per_second"] for r in mine)
+        peak = max(r["peak_memory_mb"] for r in mine)
+        lines.append(f"| `{method}` | {len(mine)} | {wall:.0f} | {speed:.0f} | {peak:.0f} |")
+    total = sum(r["wall_seconds"] for rs in by_method.values() for r in rs)
+    return "\n".join(lines) + f"\n\nTotal wall time of the recorded runs: {total:.0f} s ({total / 60:.1f} min).\n"
+
+
+def _failures(records: list[dict[str, Any]]) -> str:
+    failed = [r for r in records if r["status"] == "failed"]
+    if not failed:
+        return ""
+    lines = ["## Failed runs", "", "| protocol | task | method | phase | seed | error (last line) |"]
+    lines.append("|" + " --- |" * 6)
+    for r in failed:
+        last = ((r.get("error") or "").strip().splitlines() or [""])[-1][:160]
+        cols = [r["protocol"], r["task"], f"`{r['method']}`", r["phase"], r["seed"], last]
+        lines.append("| " + " | ".join(map(str, cols)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, command: str = "") -> list[Path]:
+    """Write ``leaderboard.md``, ``leaderboard_<protocol>[_<metric>].csv``, the PNGs and ``runs.jsonl`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = suite_tasks(suite)
+    known = {t for t, _ in tasks}
+    others = sorted({(r["task"], r["group"]) for r in records if r["task"] not in known})
+    written = []
+    parts = [f"# {suite.name} leaderboard", "", f"Regenerate: `{command}`" if command else "", "", MEANS, ""]
+    for protocol in PROTOCOLS:
+        mine = [r for r in records if r["protocol"] == protocol]
+        if not any(r["phase"] == "final" and r["status"] == "ok" for r in mine):
+            continue
+        spec = suite.protocols[protocol]
+        for metric in METRICS[protocol]:
+            caption = f"Protocol **{label(protocol, metric, spec)}**."
+            for table_tasks, title in ((tasks, suite.name), (others, "other tasks")):
+                if not table_tasks:
+                    continue
+                table = board.rows(board.cells(mine, protocol, metric), table_tasks)
+                if not table:
+                    continue
+                parts.append(board.markdown(table, table_tasks, f"{title}: {protocol}, {metric}", caption))
+                if table_tasks is tasks:
+                    stem = f"{protocol}_{metric}"
+                    csv_path = out / f"leaderboard_{stem}.csv"
+                    _write(csv_path, board.to_csv(table, tasks, protocol, metric))
+                    written.append(csv_path)
+                    plot_title = f"{suite.name}, {label(protocol, metric, spec)}"
+                    for made in (
+                        plots.accuracy_vs_params(table, out / f"accuracy_vs_params_{stem}.png", plot_title),
+                        plots.heatmap(table, tasks, out / f"heatmap_{stem}.png", plot_title),
+                    ):
+                        if made:
+                            written.append(made)
+                            parts.append(f"![{made.stem}]({made.name})\n")
+    published = PUBLISHED / f"{suite.tasks}.csv"
+    if published.is_file():
+        ours = board.rows(board.cells(records, "literature", "top1_best_epoch"), tasks)
+        note = (
+            "## Published numbers (ViT-B/16 ImageNet-21k)\n\nEach row was produced under its paper's own protocol, "
+            "mostly the best epoch on the test set; compare them with our `literature` best-epoch numbers, never "
+            "with `standard`. Differences under about 0.5 points are protocol noise."
+        )
+        parts.append(board.published_markdown(board.read_published(published, tasks), ours, tasks, note))
+    parts += ["## Cost", "", _cost(records), _failures(records)]
+    md = out / "leaderboard.md"
+    _write(md, "\n".join(parts))
+    runs = out / "runs.jsonl"
+    slim = [{**{k: v for k, v in r.items() if k != "run_dir"}, "config": None} for r in records]
+    text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in slim)
+    _write(runs, text.replace(f"{ROOT}/", ""))  # paths inside the repository, relative to its root
+    return [md, runs, *written]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
