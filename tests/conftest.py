@@ -31,3 +31,12 @@ def vit_b16() -> torch.nn.Module:
     """Random-weight ViT-B/16 with a 100-class head, for parameter counts; tests adapt copies (copy.deepcopy)."""
     torch.manual_seed(0)
     return timm.create_model("vit_base_patch16_224", num_classes=100).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than on two that contend on a shared machine (short training tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -57,15 +57,6 @@ def prior_box_baseline(dataset: CocoDetection) -> dict[str, float]:
     return coco_map([(i, guess, t) for i, t in enumerate(truths)])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions and torchvision's per-image loops run about twice as fast on one thread as on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_short_run_beats_the_prior_box_baseline(tmp_path, one_thread):
     path = tmp_path / "det.yaml"
     path.write_text(CONFIG)

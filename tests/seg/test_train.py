@@ -60,14 +60,6 @@ def _all_background_miou(root: Path, split: str) -> float:
     return scores(confusion_matrix(torch.zeros_like(target), target, 4))["mIoU"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_short_run_fits_far_above_the_all_background_baseline(tmp_path, one_thread):
     summary = engine.train(_config(tmp_path), tmp_path / "run")
     baseline = _all_background_miou(tmp_path / "shapes", "train")
