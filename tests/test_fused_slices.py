@@ -14,6 +14,7 @@ import vpeft
 from vpeft.core import AdapterModule
 from vpeft.core.layers import Adapted, Switch
 from vpeft.core.targets import fused_parts
+from vpeft.methods._blocks import Dropout
 
 from .conftest import tiny_vit
 
@@ -81,7 +82,7 @@ def test_lora_slices_share_one_dropout_mask_on_the_input():
     torch.manual_seed(7)
     out = model(x)
     torch.manual_seed(7)
-    dropped = F.dropout(x, 0.5, training=True)  # one draw, the same RNG stream
+    dropped = Dropout(0.5).train()(x)  # one draw of the methods' dropout, the same RNG stream
     expected = layer(x).detach().clone()
     for part, cols in (("q", slice(0, 8)), ("v", slice(16, 24))):
         expected[:, cols] += parts[part].scale * dropped @ parts[part].lora_A.T @ parts[part].lora_B.T

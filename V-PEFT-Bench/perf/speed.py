@@ -8,8 +8,14 @@ timm ``vit_base_patch16_224`` (random weights: speed does not depend on them), b
 inference times are medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow
 spell of the machine hits all of them alike. Peak memory: on a GPU ``max_memory_allocated`` per variant in this
 process; on the CPU the peak resident set size of a child process per variant (a process's peak cannot be reset).
+glibc's malloc raises its mmap threshold as large blocks are freed and then keeps freed tensors in its heap, which
+moves a child's peak by +-50 MB from run to run; the child therefore runs with a fixed ``MALLOC_MMAP_THRESHOLD_``, so
+every tensor of 128 KiB or more is mapped and unmapped with its life and the peak is that of the tensors alive at
+once (as ``max_memory_allocated`` is on a GPU), repeatable to 1 MB. ``--default-allocator`` measures glibc as is.
 Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up) and, for inference,
-to the base model.
+to the base model. The ``frozen_backprop`` row is the floor for any method with parameters in every block: the frozen
+model trained only in its position embedding and head, so the gradient runs back through every block (no weight
+gradients, no adapter arithmetic); no such method's step can be faster.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -33,6 +40,7 @@ import vpeft
 from vpeft.methods import METHODS
 
 HF_LORA = "hf_peft_lora"
+FLOOR = "frozen_backprop"
 BATCH, SIZE, CLASSES = 8, 224, 100
 
 
@@ -57,6 +65,11 @@ def build(variant: str, base: torch.nn.Module, grad_ckpt: bool, own: bool = Fals
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
         inner = model.base_model.model
+    elif variant == FLOOR:
+        model.requires_grad_(False)
+        model.pos_embed = torch.nn.Parameter(base.pos_embed.detach().clone())  # its own: base's tensors stay frozen
+        model.head = copy.deepcopy(base.head).requires_grad_(True)
+        inner = model
     else:
         cal = calibration() if METHODS[variant].needs_calibration else None
         vpeft.apply_method(model, variant, calibration=cal)
@@ -94,11 +107,14 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def child_peak_memory(variant: str, grad_ckpt: bool) -> float:
+def child_peak_memory(variant: str, grad_ckpt: bool, default_allocator: bool = False) -> float:
     """Peak memory (MB) of a fresh process that builds the variant and runs three training steps: GPU memory
-    allocated on CUDA, resident set size on the CPU."""
+    allocated on CUDA, resident set size on the CPU (with a fixed mmap threshold unless ``default_allocator``)."""
     cmd = [sys.executable, __file__, "--memory-child", variant] + (["--grad-ckpt"] if grad_ckpt else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if not default_allocator:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # setting it at all turns the dynamic raise off
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -124,14 +140,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_table(variants: list[str], grad_ckpt: bool) -> None:
+def memory_table(variants: list[str], grad_ckpt: bool, default_allocator: bool) -> None:
     """Peak memory of each variant (one child process each, one at a time), printed as a markdown table as each
     child finishes. Not affected by other load on the machine, unlike the timings."""
-    print(f"Gradient checkpointing: {'on' if grad_ckpt else 'off'}\n")
+    allocator = "glibc default" if default_allocator else "fixed mmap threshold"
+    print(f"Gradient checkpointing: {'on' if grad_ckpt else 'off'}; CPU allocator: {allocator}\n")
     print("| variant | peak MB | x full | x HF LoRA |\n| --- | ---: | ---: | ---: |", flush=True)
     peak = {}
     for v in variants:
-        peak[v] = child_peak_memory(v, grad_ckpt)
+        peak[v] = child_peak_memory(v, grad_ckpt, default_allocator)
         full, hf = peak.get("full", float("nan")), peak.get(HF_LORA, float("nan"))
         print(f"| {v} | {peak[v]:.0f} | {peak[v] / full:.3f} | {peak[v] / hf:.3f} |", flush=True)
 
@@ -144,6 +161,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="markdown table (default V-PEFT-Bench/perf/results/<device>.md)")
     parser.add_argument("--memory-only", action="store_true", help="only the peak memory table (no timing)")
     parser.add_argument("--no-memory", action="store_true", help="only the timings (memory: --memory-only)")
+    parser.add_argument("--default-allocator", action="store_true", help="CPU peak: glibc's own mmap threshold")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -151,15 +169,16 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
-    variants = ["full", "linear", HF_LORA] + [m for m in methods if m not in ("full", "linear")]
+    variants = ["full", "linear", FLOOR, HF_LORA] + [m for m in methods if m not in ("full", "linear")]
     if args.memory_only:
-        return memory_table(variants, args.grad_ckpt)
+        return memory_table(variants, args.grad_ckpt, args.default_allocator)
     base = base_model().to(device)
     models = {v: build(v, base, args.grad_ckpt).to(device).train() for v in variants}
     steps = {v: step_fn(m, device) for v, m in models.items()}
     x = batch(device)[0]
 
-    infer = {"base": base.eval()} | {f"{v} unmerged": m for v, m in models.items() if v not in ("full", "linear")}
+    adapted = [v for v in models if v not in ("full", "linear", FLOOR)]
+    infer = {"base": base.eval()} | {f"{v} unmerged": models[v] for v in adapted}
     for v in methods:
         if v in METHODS and METHODS[v].mergeable and v not in ("full", "linear"):
             merged = copy.deepcopy(models[v])  # its own base tensors: merging writes into them
@@ -176,7 +195,9 @@ def main() -> None:
             for k, m in infer.items():
                 m.eval()
                 infer_times[k].append(timed(lambda m=m: m(x), device))
-    peak = {v: float("nan") if args.no_memory else child_peak_memory(v, args.grad_ckpt) for v in steps}
+    peak = {v: float("nan") for v in steps}
+    if not args.no_memory:
+        peak = {v: child_peak_memory(v, args.grad_ckpt, args.default_allocator) for v in steps}
 
     step_ms = {v: 1000 * statistics.median(t) for v, t in step_times.items()}
     infer_ms = {k: 1000 * statistics.median(t) for k, t in infer_times.items()}
@@ -192,6 +213,7 @@ def main() -> None:
         f"vit_base_patch16_224, batch {BATCH}, {SIZE}x{SIZE}, AdamW; medians of {args.reps} interleaved rounds.",
         f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. Peak memory: "
         + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
+        + ("" if device.type == "cuda" or args.default_allocator else " (fixed mmap threshold)")
         + " of a child process per variant (MB).",
         "",
         "| variant | step ms | x full | x HF LoRA | peak MB | x full |",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
-from ._blocks import ACTIVATIONS
+from ._blocks import ACTIVATIONS, dropout
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Adapter(AdapterModule):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.act = ACTIVATIONS[config.act]
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
         return y + self.up(self.dropout(self.act(self.down(y))))  # (B, N, D) -> (B, N, dim) -> (B, N, D)

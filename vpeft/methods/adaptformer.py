@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
-from ._blocks import Taps, block_of
+from ._blocks import Taps, block_of, dropout
 
 
 @dataclass
@@ -70,7 +70,7 @@ class AdaptFormer(AdapterModule):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
 
     @classmethod
     def build_shared(cls, config: AdaptFormerConfig, targets: list[Target]) -> nn.Module:

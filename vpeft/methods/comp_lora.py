@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
 from . import _svd
+from ._blocks import dropout
 
 PROJECT = ("both", "input", "output")
 
@@ -80,7 +81,7 @@ class CompLoRA(AdapterModule):
             )
         self.scale = config.alpha / r
         self.project = config.project
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
         U, _, V = _svd.svd(weight)
         self.register_buffer("U_k", U[:, :k].contiguous(), persistent=True)  # (out, k)
         self.register_buffer("V_k", V[:, :k].contiguous(), persistent=True)  # (in, k)

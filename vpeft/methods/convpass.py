@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
-from ._blocks import quick_gelu
+from ._blocks import dropout, quick_gelu
 
 CONV_INITS = ("xavier", "identity")
 
@@ -90,7 +90,7 @@ class Convpass(AdapterModule):
         nn.init.zeros_(self.conv.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
         return y + self.scale * self.bypass(x)

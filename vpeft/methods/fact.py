@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
+from ._blocks import dropout
 
 _DEFAULT_TARGETS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")  # roles: attn.qkv[q,k,v], attn.proj, mlp.fc1/2
 
@@ -106,7 +107,7 @@ class FacTTT(AdapterModule):
         super().__init__(target, config, shared)
         self.a, self.b, self.col = shared.layout[target.key]
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
         if not self.tk:
             r = config.r
             self.core = nn.Parameter(torch.empty(self.a * r, self.b * r))  # (a r, b r), a Linear(b r, a r) weight

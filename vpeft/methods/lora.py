@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
+from ._blocks import dropout
 
 
 @dataclass
@@ -50,7 +51,7 @@ class LoRA(AdapterModule):
         super().__init__(target, config, shared)
         base, r = target.module, config.r
         self.scale = config.alpha / r
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
         self.conv = None
         if target.kind == "conv2d":
             if base.groups != 1 or base.padding_mode != "zeros":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import WHOLE, AdapterModule, MethodConfig, Target
+from ._blocks import dropout
 
 
 @dataclass
@@ -64,7 +65,7 @@ class RepAdapter(AdapterModule):
         self.up = nn.Parameter(torch.zeros(d, h // g))  # B (d, h/g): rows [k d/g, (k+1) d/g) form group k
         self.up_bias = nn.Parameter(torch.zeros(d)) if has_bias else None  # b_B (d,)
         nn.init.xavier_uniform_(self.down)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout(config.dropout)
 
     @classmethod
     def accepts(cls, target: Target, config: RepAdapterConfig) -> bool:

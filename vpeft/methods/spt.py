@@ -60,6 +60,7 @@ from ..core import AdapterModule, MethodConfig, Target
 from ..core.io import atomic_write
 from ..core.roles import ROLES
 from ..core.targets import fused_parts, name_matches
+from ._blocks import dropout
 
 KINDS = ("none", "structured", "sparse", "full")
 PlanEntry = tuple[str, str, int, str, int]  # target key, weight kind, weight count, bias kind, bias count
@@ -134,14 +135,14 @@ def _is_attn_out(target: Target) -> bool:
 class _SeqAdapter(nn.Module):
     """SPT's adapter: ``y + W_up gelu(W_down dropout(y) + b_d) + b_u``; on attn.proj it reads the input (parallel)."""
 
-    def __init__(self, target: Target, r: int, dropout: float):
+    def __init__(self, target: Target, r: int, dropout_p: float):
         super().__init__()
         self.parallel = _is_attn_out(target)
         self.down = nn.Linear(target.in_features if self.parallel else target.out_features, r)
         self.up = nn.Linear(r, target.out_features)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.parallel else nn.Identity()
+        self.dropout = dropout(0.0 if self.parallel else dropout_p)
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
         return y + self.up(F.gelu(self.down(x if self.parallel else self.dropout(y))))
@@ -149,10 +150,10 @@ class _SeqAdapter(nn.Module):
 
 def build_structured(target: Target, config: SPTLoRAConfig) -> nn.Module:
     cls = structured_class(config.structured)
-    dropout = 0.0 if _is_attn_out(target) else config.dropout  # official: raw proj input
+    p = 0.0 if _is_attn_out(target) else config.dropout  # official: raw proj input
     if cls is _SeqAdapter:
-        return _SeqAdapter(target, config.r, dropout)
-    options = {"r": config.r, "dim": config.r, "alpha": float(config.r), "dropout": dropout}
+        return _SeqAdapter(target, config.r, p)
+    options = {"r": config.r, "dim": config.r, "alpha": float(config.r), "dropout": p}
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     sub = cls.Config(**{k: v for k, v in options.items() if k in fields})
     if hasattr(sub, "check"):

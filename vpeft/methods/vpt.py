@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
+from ._blocks import dropout
 
 
 @dataclass
@@ -86,7 +87,7 @@ class VPTShallow(AdapterModule):
             self.prompts = nn.Parameter(torch.empty(self.p, width))  # (p, D)
             v = math.sqrt(6.0 / (3 * config.patch_size**2 + width))
             nn.init.uniform_(self.prompts, -v, v)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and self.prompts is not None else nn.Identity()
+        self.dropout = dropout(config.dropout if self.prompts is not None else 0.0)
 
     def adapt_input(self, x: Tensor) -> Tensor:
         if self.prompts is None:
