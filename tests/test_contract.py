@@ -139,3 +139,19 @@ def test_disable_gives_base_output(method, images):
     with vpeft.disabled(model):
         torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
     assert not torch.allclose(model(images), base(images))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_adapters_are_made_in_the_base_dtype(method, images):
+    """Applied to a model already cast (or moved to a GPU), a method's tensors follow the base: a float64 model gets
+    float64 adapters, computes what the float32 one does, and trains in float64."""
+    model = tiny_vit().double()
+    calibration = [(x.double(), y) for x, y in calibration_batches()] if METHODS[method].needs_calibration else None
+    vpeft.apply_method(model, method, calibration=calibration, **TINY_OPTIONS.get(method, {}))
+    out = model(images.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), adapted(method)[1](images), rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float64}
+    assert all(p.grad is None or p.grad.dtype == torch.float64 for p in trainable)

@@ -76,3 +76,22 @@ def test_num_classes_must_agree_with_the_dataset(tmp_path):
     cfg = load_config(path, [f"data.root={tmp_path / 'shapes'}", "model.num_classes=5"])
     with pytest.raises(ValueError, match="model.num_classes is 5 but detection dataset 'shapes' has 3 categories"):
         engine.build_run(cfg)
+
+
+def test_spt_scores_the_detector_with_its_own_loss(tmp_path, one_thread):
+    """SPT's sensitivity pass runs the task's training loss (the detector's summed loss dict) on calibration batches;
+    a classifier's cross-entropy on ``model(images)`` cannot be computed for a detector."""
+    path = tmp_path / "det.yaml"
+    path.write_text(CONFIG)
+    scores = tmp_path / "scores.safetensors"
+    overrides = [f"data.root={tmp_path / 'shapes'}", "method.name=spt_lora", "method.param_budget=0.01",
+                 f"method.sensitivity_file={scores}", "data.calibration_batches=2", "train.epochs=1"]  # fmt: skip
+    summary = engine.train(load_config(path, overrides), tmp_path / "run")
+    # the plan total closest to the 0.01M budget: within one rank-8 LoRA on a 96-wide matrix (1,536) plus its sparse
+    # entries
+    assert abs(summary["trainable_params"] - 10_000) < 2_000
+    from safetensors.torch import load_file
+
+    table = load_file(scores)
+    assert table and all(torch.isfinite(s).all() for s in table.values())
+    assert sum(float(s.sum()) for s in table.values()) > 0  # the loss reached the scored weights

@@ -257,3 +257,28 @@ def test_structured_options(scores_file, images):
         vpeft.apply_method(tiny_vit(), "spt_adapter", calibration=Batches(), structured="fact_tt")
     with pytest.raises(ValueError, match="needs calibration"):
         vpeft.apply_method(tiny_vit(), "spt_lora")
+
+
+def test_a_loss_callable_scores_as_its_batch_does():
+    """Calibration items may be callables returning a loss (how the engine passes a task's own loss): one computing
+    cross-entropy gives exactly the scores of the ``(inputs, labels)`` pair it closes over."""
+    from vpeft.core.targets import select_targets
+    from vpeft.methods.spt import _candidates, sensitivity
+
+    model = tiny_vit()
+    config = SPTLoRAConfig(param_budget=0.002)
+    targets = select_targets(model, config, SPT, "spt_lora")
+    params = {pn: getattr(t.module, pn.rsplit(".", 1)[1]) for t in targets for pn, _ in _candidates(t).values()}
+    pairs = Batches(2).data
+
+    def loss_of(inputs, labels):
+        return lambda m: torch.nn.functional.cross_entropy(m(inputs), labels)
+
+    torch.manual_seed(0)  # the same drop-path draws in both passes
+    by_pairs = sensitivity(model, params, pairs, 2, "grad2")
+    torch.manual_seed(0)
+    by_losses = sensitivity(model, params, [loss_of(x, y) for x, y in pairs], 2, "grad2")
+    assert by_pairs.keys() == by_losses.keys() and len(by_pairs) > 0
+    for name, score in by_pairs.items():
+        assert torch.equal(score, by_losses[name]), name
+    assert sum(float(s.sum()) for s in by_pairs.values()) > 0

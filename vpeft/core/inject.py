@@ -8,6 +8,7 @@ merge took out. Every change is validated before the model is touched, so an err
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 from collections.abc import Iterator
@@ -113,7 +114,8 @@ def add_adapter(
         if method_cls.needs_calibration and calibration is None:
             raise ValueError(
                 f"method {method!r} needs calibration data: vpeft.apply_method(model, {method!r}, "
-                "calibration=batches), with batches an iterable of (inputs, targets)."
+                "calibration=batches), with batches an iterable of (inputs, targets) pairs or of callables that "
+                "take the model and return a loss."
             )
         decided = method_cls.prepare(config, model, targets, calibration)
         if decided != config:
@@ -121,7 +123,9 @@ def add_adapter(
     heads = find_heads(model, config)
     trainable_base = method_cls.trainable_base(config, model)
     shared = method_cls.build_shared(config, targets)
-    layers = [method_cls(t, config, shared) for t in targets]  # may fail: nothing installed yet
+    if shared is not None:
+        _place_like(shared, model)
+    layers = [_place_like(method_cls(t, config, shared), t.module) for t in targets]  # may fail: nothing installed yet
 
     if state is None:
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -151,6 +155,14 @@ def add_adapter(
     state.switch.active = adapter_name
     refreeze(model)
     return report(model, adapter_name)
+
+
+def _place_like(module: nn.Module, reference: nn.Module) -> nn.Module:
+    """``module`` moved to the device and floating dtype of ``reference``'s first floating tensor, so an adapter added
+    to a model already on a GPU, or already cast to float64 or bfloat16, computes where and as its base does."""
+    tensors = itertools.chain(reference.parameters(), reference.buffers())
+    first = next((t for t in tensors if t.is_floating_point()), None)
+    return module if first is None else module.to(device=first.device, dtype=first.dtype)
 
 
 def _wrapper(model: nn.Module, path: str, switch: Switch, head: bool = False) -> Adapted:

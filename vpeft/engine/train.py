@@ -54,10 +54,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     start = time.perf_counter()
 
     task, model, datasets = build_run(cfg)
-    calibration = _calibration_batches(cfg, task, datasets["train"]) if _needs_calibration(cfg) else None
+    model.to(device)  # first: adapters are made beside their base tensors, and calibration runs on the device
+    calibration = _calibration_batches(cfg, task, datasets["train"], device) if _needs_calibration(cfg) else None
     report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **cfg.method.options)
     log.info("%s", report)
-    model.to(device)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     net = dist.wrap(model)  # DistributedDataParallel under torchrun; the model itself otherwise
@@ -251,10 +251,11 @@ def _needs_calibration(cfg: RunConfig) -> bool:
     return METHODS[cfg.method.name].needs_calibration
 
 
-def _calibration_batches(cfg: RunConfig, task: Task, dataset: Any) -> list[Any]:
-    """The first ``data.calibration_batches`` batches of the training split, in a fixed order, as methods take them."""
+def _calibration_batches(cfg: RunConfig, task: Task, dataset: Any, device: torch.device) -> list[Any]:
+    """The first ``data.calibration_batches`` batches of the training split, in a fixed order, each as a callable
+    that returns the task's loss on it."""
     count = cfg.data.calibration_batches or 16
-    return [task.calibration(b) for b in itertools.islice(_loader(cfg, task, dataset, train=False), count)]
+    return [task.calibration(b, device) for b in itertools.islice(_loader(cfg, task, dataset, train=False), count)]
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> None:

@@ -172,6 +172,17 @@ def _candidates(target: Target) -> dict[str, tuple[str, slice | None]]:
     }
 
 
+def calibration_loss(model: nn.Module, item: Any, device: torch.device) -> Tensor:
+    """The loss of one calibration item: a callable (a task's own training loss on one batch, so segmentation and
+    detection score with their losses) is called with the model; an ``(inputs, labels)`` pair is scored with
+    cross-entropy on the logits, the paper's classification setting."""
+    if callable(item):
+        return item(model)
+    inputs, labels = item
+    out = model(inputs.to(device))
+    return F.cross_entropy(getattr(out, "logits", out), labels.to(device))
+
+
 def sensitivity(model: nn.Module, params: dict[str, Tensor], batches: Any, limit: int, score: str) -> dict:
     """Sum over at most ``limit`` batches of g^2 (or |g w|) per parameter; the model is left as it was."""
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -185,12 +196,14 @@ def sensitivity(model: nn.Module, params: dict[str, Tensor], batches: Any, limit
             p.requires_grad_(True)
         model.train()  # official: train mode (drop path on), no augmentation
         with torch.enable_grad():
-            for inputs, labels in batches:
-                out = model(inputs.to(device))
-                out = getattr(out, "logits", out)
-                grads = torch.autograd.grad(F.cross_entropy(out, labels.to(device)), list(params.values()))
+            for item in batches:
+                # allow_unused: a weight the task's output never reaches (a detector skips the ViT's last norm)
+                # scores 0 and is never chosen
+                loss = calibration_loss(model, item, device)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                 for (n, p), g in zip(params.items(), grads, strict=True):
-                    scores[n] += g.float().square() if score == "grad2" else (g * p.detach()).float().abs()
+                    if g is not None:
+                        scores[n] += g.float().square() if score == "grad2" else (g * p.detach()).float().abs()
                 used += 1
                 if used == limit:
                     break
@@ -200,7 +213,10 @@ def sensitivity(model: nn.Module, params: dict[str, Tensor], batches: Any, limit
         for m, mode in modes.items():
             m.train(mode)
     if used == 0:
-        raise ValueError("spt: the calibration data yielded no batch; pass an iterable of (inputs, targets).")
+        raise ValueError(
+            "spt: the calibration data yielded no batch; pass an iterable of (inputs, labels) pairs or of callables "
+            "that take the model and return a loss."
+        )
     return {n: s.cpu() for n, s in scores.items()}
 
 

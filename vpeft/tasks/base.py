@@ -62,9 +62,10 @@ class Task:
         first = batch[0] if isinstance(batch, tuple | list) else batch
         return len(first)
 
-    def calibration(self, batch: Any) -> Any:
-        """A batch as the methods that calibrate on data take it (``(images, labels)``)."""
-        return batch
+    def calibration(self, batch: Any, device: torch.device) -> Callable[[nn.Module], Tensor]:
+        """One calibration item for the methods that score on data (SPT): called with the model, it returns this
+        task's training loss on ``batch``, moved to ``device`` only then (16 batches are not held on a GPU at once)."""
+        return lambda model: self.loss(model, self.to_device(batch, device))
 
     @staticmethod
     def to_device(batch: Any, device: torch.device) -> Any:

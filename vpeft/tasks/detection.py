@@ -70,11 +70,6 @@ class DetectionTask(Task):
         losses = model(images, [training_target(t) for t in targets])
         return sum(losses.values())
 
-    def calibration(self, batch: Any) -> Any:
-        """``(images, targets)`` lists; ``model(images, targets)`` in training mode gives the loss dict."""
-        images, targets = batch
-        return images, [training_target(t) for t in targets]
-
     @torch.no_grad()
     def evaluate(
         self,

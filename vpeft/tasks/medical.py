@@ -265,9 +265,6 @@ class MedicalSegmentationTask(Task):
     def items(self, batch: Any) -> int:
         return len(batch["image"]) if isinstance(batch, dict) else len(batch)
 
-    def calibration(self, batch: Any) -> Any:
-        return batch["image"], batch["label"]
-
     @staticmethod
     def collate(items: list[Any]) -> Any:
         if isinstance(items[0], dict):
