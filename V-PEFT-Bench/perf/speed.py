@@ -13,9 +13,9 @@ moves a child's peak by +-50 MB from run to run; the child therefore runs with a
 every tensor of 128 KiB or more is mapped and unmapped with its life and the peak is that of the tensors alive at
 once (as ``max_memory_allocated`` is on a GPU), repeatable to 1 MB. ``--default-allocator`` measures glibc as is.
 Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up) and, for inference,
-to the base model. The ``frozen_backprop`` row is the floor for any method with parameters in every block: the frozen
-model trained only in its position embedding and head, so the gradient runs back through every block (no weight
-gradients, no adapter arithmetic); no such method's step can be faster.
+to the base model. The ``frozen_backprop`` row is the floor for LoRA-like methods: the frozen model trained only in the
+biases of its qkv projections (and the head), so the gradient runs back to the q/k/v of every block, as it must for
+any method that adapts them, with no weight gradients and no adapter arithmetic; no such method's step can be faster.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def build(variant: str, base: torch.nn.Module, grad_ckpt: bool, own: bool = Fals
         inner = model.base_model.model
     elif variant == FLOOR:
         model.requires_grad_(False)
-        model.pos_embed = torch.nn.Parameter(base.pos_embed.detach().clone())  # its own: base's tensors stay frozen
+        for block in model.blocks:  # own copies: the base's (shared) tensors stay frozen
+            block.attn.qkv.bias = torch.nn.Parameter(block.attn.qkv.bias.detach().clone())
         model.head = copy.deepcopy(base.head).requires_grad_(True)
         inner = model
     else:
