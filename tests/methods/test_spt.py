@@ -282,3 +282,44 @@ def test_a_loss_callable_scores_as_its_batch_does():
     for name, score in by_pairs.items():
         assert torch.equal(score, by_losses[name]), name
     assert sum(float(s.sum()) for s in by_pairs.values()) > 0
+
+
+def test_scores_are_squared_gradients_summed_over_batches():
+    """Against ``torch.autograd.grad`` per batch, with the same drop-path draws; a caller's gradients survive."""
+    from vpeft.core.targets import select_targets
+    from vpeft.methods.spt import _candidates, sensitivity
+
+    model = tiny_vit()
+    targets = select_targets(model, SPTLoRAConfig(), SPT, "spt_lora")
+    params = {pn: getattr(t.module, pn.rsplit(".", 1)[1]) for t in targets for pn, _ in _candidates(t).values()}
+    pairs = Batches(2).data
+    marker = torch.full_like(model.head.weight, 7.0)
+    model.head.weight.grad = marker
+    torch.manual_seed(0)
+    scores = sensitivity(model, params, pairs, 2, "grad2")
+    assert model.head.weight.grad is marker and all(p.grad is None for p in params.values())
+
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    model.train()
+    torch.manual_seed(0)
+    for inputs, labels in pairs:
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            expected[n] += g.square()
+    for n in params:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-5, atol=1e-12)
+
+
+def test_kth_largest_without_a_global_sort_equals_sorting():
+    from vpeft.methods.spt import _Ranking
+
+    g = torch.Generator().manual_seed(5)
+    scores = {
+        "a": torch.rand(7, 5, generator=g).square(),
+        "b": torch.tensor([0.0, 0.0, 0.25, 0.25, 0.25, 1e-30, 3e5]),  # zeros, ties, a subnormal-scale and a large value
+        "c": torch.randint(0, 4, (40,), generator=g).float() / 4,
+    }
+    ranking = _Ranking(scores)
+    flat = torch.sort(torch.cat([s.flatten() for s in scores.values()]), descending=True).values
+    for k in range(1, flat.numel() + 1):
+        assert ranking.kth_largest(k) == flat[k - 1], k
