@@ -67,22 +67,29 @@ def build_data(suite, data_root: Path, tasks) -> None:
 def run_unit(args, suite, task, method, seeds, recipe: Path, out: Path) -> int:
     """One method on one task under the chosen protocol; returns the number of failed runs."""
     failed, point = 0, ()
+
+    def run_or_list(run, listed: str = "") -> dict | None:
+        """Execute ``run`` and report it (None with --dry-run, which only lists it)."""
+        nonlocal failed
+        if args.dry_run:
+            print(f"  {run.rel_dir}{listed}")
+            return None
+        record, ran = execute(run, recipe, out, args.keep_checkpoints)
+        _say(record, ran)
+        failed += record["status"] != "ok"
+        return record
+
     if args.protocol == "standard":
         plan = tune_runs(suite, task, method, seeds[0], args.set)
-        scored = []
-        for run in plan:
-            if args.dry_run:
-                print(f"  {run.rel_dir}")
-                continue
-            record, ran = execute(run, recipe, out, args.keep_checkpoints)
-            _say(record, ran)
-            failed += record["status"] != "ok"
-            scored.append((run.point, record.get("top1")))
+        scored = [(run.point, (run_or_list(run) or {}).get("top1")) for run in plan]
         if plan and not args.dry_run:
             point = select(scored)
             if point is None:
                 print(f"SKIPPED {task.name} {method.label}: every grid point failed, no final runs", flush=True)
                 return failed
+    for run in final_runs(suite, args.protocol, task, method, seeds, point, args.set):
+        run_or_list(run, " (with the selected grid point)")
+    return failed
     for run in final_runs(suite, args.protocol, task, method, seeds, point, args.set):
         if args.dry_run:
             print(f"  {run.rel_dir} (with the selected grid point)")
