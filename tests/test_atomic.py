@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import pytest
 import torch
 
 import vpeft
 from vpeft.core import io
+from vpeft.files import atomic_write
 
 from .conftest import tiny_vit
 
@@ -50,9 +55,22 @@ def test_atomic_write_replaces_only_when_complete(tmp_path):
         return writer
 
     target = tmp_path / "file.txt"
-    io.atomic_write(target, write("first"))
+    atomic_write(target, write("first"))
     with pytest.raises(Crash):
-        io.atomic_write(target, write("sec", crash=True))
+        atomic_write(target, write("sec", crash=True))
     assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]
-    io.atomic_write(target, write("second"))
+    atomic_write(target, write("second"))
     assert target.read_text() == "second"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_write_follows_the_umask_as_open_does(tmp_path, umask):
+    """A shared run directory stays readable by the group: the same mode as a plain ``open(path, "w")``."""
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "atomic.txt", lambda tmp: Path(tmp).write_text("x"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~umask

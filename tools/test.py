@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import vpeft
-from vpeft.core.io import atomic_write
+from vpeft.files import atomic_write
 from vpeft.data import build_loader
 from vpeft.engine.config import load_config
 from vpeft.engine.distributed import setup

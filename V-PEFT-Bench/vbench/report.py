@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vpeft.core.io import atomic_write
+from vpeft.files import atomic_write
 from vpeft.data.fgvc import FGVC
 from vpeft.data.vtab import SUITES
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vpeft.core.io import atomic_write
+from vpeft.files import atomic_write
 from vpeft.engine.config import config_to_dict, load_config
 from vpeft.engine.system import environment
 from vpeft.engine.train import train

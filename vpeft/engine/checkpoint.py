@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core import io
+from ..files import atomic_write
 from ..core.inject import state_of
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,7 +42,7 @@ def save_checkpoint(
             "python": random.getstate(),
         },
     }
-    io.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(

@@ -35,7 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from ..core import build_config
-from ..core.io import atomic_write
+from ..files import atomic_write
 from ..methods import METHODS
 from ..registry import lookup
 from ..tasks import TASKS

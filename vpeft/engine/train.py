@@ -28,6 +28,7 @@ from tqdm import tqdm
 import vpeft
 
 from ..core import io
+from ..files import atomic_write
 from ..data import build_loader
 from ..tasks import Task, build_task
 from . import distributed
@@ -173,7 +174,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         **environment(),
     }
     if dist.main:
-        io.atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     dist.close()
     return summary
 

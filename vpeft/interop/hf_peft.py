@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from ..core.config import config_to_dict
 from ..core.inject import state_of, unmerged_adapter, wrappers
-from ..core.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write
+from ..core.io import CONFIG_FILE, WEIGHTS_FILE
+from ..files import atomic_write
 from ..core.layers import WHOLE, AdaptedMHA, HeadCopies, _is_conv1d
 from ..core.report import Report
 from ..core.roles import ROLES

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 from torch import Tensor
 
-from ..core.io import atomic_write
+from ..files import atomic_write
 from .volumes import Volume
 
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from monai import transforms as mt
 
-from ..core.io import atomic_write
+from ..files import atomic_write
 
 # window presets as (width, level) in HU; the usual radiology reading windows
 CT_WINDOWS: dict[str, tuple[float, float]] = {

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 
-from ..core.io import atomic_write
+from ..files import atomic_write
 
 MANIFEST = "manifest.json"
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 
-from ..core.io import atomic_write
+from ..files import atomic_write
 from .preprocess import Preprocessing
 
 log = logging.getLogger("vpeft")

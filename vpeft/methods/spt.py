@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, Target
-from ..core.io import atomic_write
+from ..files import atomic_write
 from ..core.roles import ROLES
 from ..core.targets import fused_parts, name_matches
 from ._blocks import dropout
