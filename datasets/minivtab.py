@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vpeft.data.common import FASHION_MNIST_ROOT, balanced_subset, gray_to_rgb  # noqa: E402
+from vpeft.data.common import FASHION_MNIST_ROOT, balanced_subset, check_root, gray_to_rgb  # noqa: E402
 from vpeft.data.fashion_mnist import read_idx  # noqa: E402
 from vpeft.data.vtab import MINIVTAB, write_task  # noqa: E402
 
@@ -73,7 +73,7 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray, task: str, seed: int, s
 
 
 def fashion(seed: int, root: str | Path = FASHION_MNIST_ROOT, sizes=None) -> dict[str, list[Item]]:
-    root = Path(root)
+    root = check_root("fashion_mnist", root, "t10k-images-idx3-ubyte.gz")
     images = read_idx(root / "t10k-images-idx3-ubyte.gz", 2051)
     labels = read_idx(root / "t10k-labels-idx1-ubyte.gz", 2049).astype(np.int64)
     return _from_arrays(images, labels, "mini_fashion", seed, sizes)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+
+from vpeft.data.system import system_data
 
 
 def tiny_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
@@ -40,3 +45,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def require_system_data(package: str) -> Path:
+    """The data a Debian package of requirements/debian.txt installs; without it the test skips, naming the package.
+
+    Under ``CI=true`` a missing package fails the test instead: tools/setup_env.sh installs every listed package, so a
+    skip there would hide a broken install step behind a green run.
+    """
+    try:
+        return system_data(package)
+    except FileNotFoundError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{err} (CI=true: the set-up must have installed it)", pytrace=False)
+        pytest.skip(str(err))

@@ -1,17 +1,50 @@
-# Sourced by the README's commands: a virtual environment in .venv with the pinned dependencies, made once.
+# Sourced by the README's commands: a virtual environment in .venv with the pinned dependencies, made once, and the
+# Debian packages of requirements/debian.txt. One line per step; the installers' output goes to .venv/setup.log and
+# only its tail is shown, on failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
+LOG=.venv/setup.log
+
+quietly() {  # run a step with its output in the log; on failure show the log's tail and stop
+    if ! "$@" >>"$LOG" 2>&1; then
+        echo "setup failed: $*" >&2
+        echo "last lines of $LOG:" >&2
+        tail -n 25 "$LOG" >&2
+        return 1
+    fi
+}
+
 if [ ! -x .venv/bin/python ]; then
+    echo "vpeft setup: creating .venv"
     "$PY" -m venv .venv
 fi
 # the stamp records what was installed; a changed constraints file or pyproject reinstalls
 stamp=$(cat requirements/constraints.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.vpeft-stamp 2>/dev/null)" != "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt \
+    echo "vpeft setup: installing the pinned Python dependencies (first run: a few minutes; log in $LOG)"
+    : >"$LOG"
+    quietly .venv/bin/python -m pip install --disable-pip-version-check -c requirements/constraints.txt \
         torch torchvision
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e ".[test]"
+    quietly .venv/bin/python -m pip install --disable-pip-version-check -c requirements/constraints.txt -e ".[test]"
     echo "$stamp" > .venv/.vpeft-stamp
+fi
+
+# Debian packages: checked on every run (dpkg-query is fast), installed when this shell may (root, apt-get)
+missing=()
+command -v dpkg-query >/dev/null || echo "vpeft setup: no dpkg here; provide the data of requirements/debian.txt by hand" >&2
+command -v dpkg-query >/dev/null && for pkg in $(sed -e 's/#.*//' requirements/debian.txt); do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "vpeft setup: installing system data: ${missing[*]} (log in $LOG)"
+        quietly apt-get update -q
+        quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    else
+        echo "vpeft setup: missing Debian packages: ${missing[*]}; install them with" \
+             "\`sudo apt-get install ${missing[*]}\` (the tests that need them skip until then)" >&2
+    fi
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # nothing is downloaded

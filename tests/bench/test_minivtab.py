@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from tests.bench._helpers import load_script
+from tests.conftest import require_system_data
 
 minivtab = load_script("datasets/minivtab.py")
 SMALL = {"train800": 24, "val200": 8, "test": 8}
@@ -55,6 +56,8 @@ def test_lesion_and_grade_mark_white_spots_on_tissue():
 
 @pytest.mark.parametrize("task", ["mini_digits", "mini_fashion"])
 def test_array_tasks_are_balanced_and_disjoint(task):
+    if task == "mini_fashion":
+        require_system_data("dataset-fashion-mnist")
     splits = minivtab.generate(task, sizes={"train800": 40, "val200": 20, "test": 30})
     assert {s: len(v) for s, v in splits.items()} == {"train800": 40, "val200": 20, "test": 30}
     assert set(Counter(label for _, label in splits["train800"]).values()) == {4}

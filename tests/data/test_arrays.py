@@ -13,7 +13,7 @@ import torch
 from vpeft.data import Digits, FashionMNIST, balanced_subset, build_dataset, read_idx
 from vpeft.data.digits import digits_split_indices
 
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+from ..conftest import require_system_data
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
@@ -76,8 +76,8 @@ def test_balanced_subset_is_balanced_and_seeded() -> None:
     assert np.bincount(labels[first], minlength=4).tolist() == [3, 3, 2, 2]
 
 
-@pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist() -> None:
+    require_system_data("dataset-fashion-mnist")
     sizes = {split: FashionMNIST(split=split) for split in ("train", "val", "test")}
     assert {k: len(v) for k, v in sizes.items()} == {"train": 50_000, "val": 10_000, "test": 10_000}
     for ds in sizes.values():

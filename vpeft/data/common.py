@@ -17,9 +17,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
+from vpeft.data.system import SYSTEM_DATA, install_hint
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ROOT = str(SYSTEM_DATA["dataset-fashion-mnist"])
 
 PREPARE_HINTS: dict[str, str] = {
     "folder": (
@@ -32,9 +34,8 @@ PREPARE_HINTS: dict[str, str] = {
         "under <root>. Prepare the VTAB-1k data as described in the NOAH repository (github.com/ZhangYuanhan-AI/NOAH)."
     ),
     "fashion_mnist": (
-        "Install the Debian package with `apt-get install dataset-fashion-mnist` (files land in "
-        f"{FASHION_MNIST_ROOT}), or pass data.root pointing at a folder holding train-images-idx3-ubyte.gz, "
-        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz."
+        f"To use the default root ({FASHION_MNIST_ROOT}), {install_hint('dataset-fashion-mnist')}; or pass "
+        "data.root pointing at a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz."
     ),
 }
 
