@@ -13,6 +13,8 @@ from vpeft.errors import MissingFileError
 
 SYSTEM_DATA: dict[str, Path] = {
     "dataset-fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+    "wordnet-base": Path("/usr/share/wordnet"),
+    "fortunes": Path("/usr/share/games/fortunes"),
 }
 
 
