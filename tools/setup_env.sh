@@ -19,14 +19,15 @@ if [ ! -x .venv/bin/python ]; then
     echo "vpeft setup: creating .venv"
     "$PY" -m venv .venv
 fi
-# the stamp records what was installed; a changed constraints file or pyproject reinstalls
-stamp=$(cat requirements/constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+# the stamp records what was installed; a changed requirements file or pyproject reinstalls
+stamp=$(cat requirements/constraints.txt requirements/no-deps.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.vpeft-stamp 2>/dev/null)" != "$stamp" ]; then
     echo "vpeft setup: installing the pinned Python dependencies (first run: a few minutes; log in $LOG)"
     : >"$LOG"
     quietly .venv/bin/python -m pip install --disable-pip-version-check -c requirements/constraints.txt \
         torch torchvision
     quietly .venv/bin/python -m pip install --disable-pip-version-check -c requirements/constraints.txt -e ".[test]"
+    quietly .venv/bin/python -m pip install --disable-pip-version-check --no-deps -r requirements/no-deps.txt
     echo "$stamp" > .venv/.vpeft-stamp
 fi
 
