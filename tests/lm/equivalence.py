@@ -1,0 +1,106 @@
+"""The HF PEFT equivalence harness: one method built in vpeft and in ``peft`` on the same model must train alike.
+
+    report = train_side_by_side(tiny_llama, "dora", {"dropout": 0.0}, peft.LoraConfig(r=8, use_dora=True, ...))
+
+1. The same base model is copied twice; vpeft applies its method to one, ``peft.get_peft_model`` to the other.
+2. vpeft's initial adapter values are copied into the peft model (``PEFT_NAMES`` maps vpeft's logical keys, the keys
+   of its adapter files, to peft's parameter names), so both start from one point whatever each library's init.
+3. Both take the same AdamW steps on the same batches; the logits of every step and the trained tensors must agree.
+4. vpeft's trained adapter, exported with ``vpeft.export_hf_peft``, loads in ``peft`` and gives the same logits.
+
+The coming LM methods that HF PEFT also has reuse this with their own mapping entries.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import vpeft
+from vpeft.core import io
+
+from .models import batches, task_loss
+
+peft = pytest.importorskip("peft")
+
+# vpeft logical key (target path, part, tensor) -> peft parameter name under ``base_model.model``
+PEFT_NAMES: list[tuple[str, str]] = [
+    (r"^(?P<path>.+)\.all\.lora_A$", r"\g<path>.lora_A.default.weight"),
+    (r"^(?P<path>.+)\.all\.lora_B$", r"\g<path>.lora_B.default.weight"),
+    (r"^(?P<path>.+)\.all\.magnitude$", r"\g<path>.lora_magnitude_vector.default.weight"),
+    (r"^(?P<head>.+)\.(?P<tensor>weight|bias)$", r"\g<head>.modules_to_save.default.\g<tensor>"),  # a head copy
+]
+
+
+def peft_name(key: str) -> str:
+    for pattern, replacement in PEFT_NAMES:
+        if re.match(pattern, key):
+            return "base_model.model." + re.sub(pattern, replacement, key)
+    raise KeyError(f"no peft name for vpeft key {key!r}: add a PEFT_NAMES entry")
+
+
+@dataclass
+class SideBySide:
+    logit_diffs: list[float] = field(default_factory=list)  # max |vpeft - peft| after each step, and before any
+    tensor_diff: float = 0.0  # max over the trained adapter tensors
+    export_diff: float = 0.0  # vpeft's exported adapter loaded in peft, against the vpeft model
+    moved: float = 0.0  # how far training moved the logits (so that agreement is not agreement at rest)
+
+
+def train_side_by_side(
+    make_model: Callable[[], nn.Module],
+    method: str,
+    options: dict,
+    peft_config,
+    steps: int = 5,
+    lr: float = 1e-2,
+    export_dir: Path | None = None,
+) -> SideBySide:
+    base = make_model()
+    ours = copy.deepcopy(base)
+    vpeft.apply_method(ours, method, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    ours_tensors = io.adapter_tensors(ours, "default")
+    their_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for key, value in ours_tensors.items():
+            their_params[peft_name(key)].copy_(value)
+    trained = {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert trained == {peft_name(k) for k in ours_tensors}, "the two libraries train different tensors"
+
+    data = batches(steps + 1)
+    report = SideBySide()
+    start = task_loss(ours, data[-1])[1].detach()
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr) for m in (ours, theirs)]
+    for step in range(steps + 1):
+        outputs = []
+        for model, optimizer in zip((ours, theirs), optimizers, strict=True):
+            loss, logits = task_loss(model, data[step])
+            outputs.append(logits.detach())
+            if step < steps:  # the last batch is only evaluated
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        report.logit_diffs.append((outputs[0] - outputs[1]).abs().max().item())
+    report.moved = (outputs[0] - start).abs().max().item()
+    their_params = dict(theirs.named_parameters())
+    report.tensor_diff = max((v - their_params[peft_name(k)]).abs().max().item() for k, v in ours_tensors.items())
+    if export_dir is not None:
+        vpeft.export_hf_peft(ours, export_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(export_dir))
+        with torch.no_grad():
+            probe = data[0]
+            report.export_diff = (task_loss(loaded, probe)[1] - task_loss(ours, probe)[1]).abs().max().item()
+    return report
