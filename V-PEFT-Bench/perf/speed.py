@@ -3,8 +3,11 @@
     python V-PEFT-Bench/perf/speed.py                       # CPU here, or the GPU when there is one
     python V-PEFT-Bench/perf/speed.py --grad-ckpt           # the same with gradient checkpointing
     python V-PEFT-Bench/perf/speed.py --methods lora,bitfit --reps 3 --out /tmp/table.md
+    python V-PEFT-Bench/perf/speed.py --model smollm2       # the causal LM: SmolLM2-135M, LoRA r=8 on q and v
 
-timm ``vit_base_patch16_224`` (random weights: speed does not depend on them), batch 8 at 224x224, AdamW. Step and
+Two workloads (``--model``). ``vit_b16``: timm ``vit_base_patch16_224`` (random weights: speed does not depend on them), batch 8 at 224x224. ``smollm2``:
+SmolLM2-135M-Instruct (``vpeft.backbones.causal_lm``), batch 4 of 256 random tokens, next-token loss; methods default
+to ``lora``. Both train with AdamW. Step and
 inference times are medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow
 spell of the machine hits all of them alike. Peak memory: on a GPU ``max_memory_allocated`` per variant in this
 process; on the CPU the peak resident set size of a child process per variant (a process's peak cannot be reset).
@@ -14,8 +17,9 @@ every tensor of 128 KiB or more is mapped and unmapped with its life and the pea
 once (as ``max_memory_allocated`` is on a GPU), repeatable to 1 MB. ``--default-allocator`` measures glibc as is.
 Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up) and, for inference,
 to the base model. The ``frozen_backprop`` row is the floor for LoRA-like methods: the frozen model trained only in the
-biases of its qkv projections (and the head), so the gradient runs back to the q/k/v of every block, as it must for
-any method that adapts them, with no weight gradients and no adapter arithmetic; no such method's step can be faster.
+biases of its q/k/v projections (ViT: the qkv biases and the head; SmolLM2, which has no biases: zero biases added to
+q_proj and v_proj), so the gradient runs back to the attention inputs of every block, as it must for any method that
+adapts them, with no weight gradients and no adapter arithmetic; no such method's step can be faster.
 """
 
 from __future__ import annotations
@@ -41,11 +45,21 @@ from vpeft.methods import METHODS
 
 HF_LORA = "hf_peft_lora"
 FLOOR = "frozen_backprop"
-BATCH, SIZE, CLASSES = 8, 224, 100
+BATCH, SIZE, CLASSES = 8, 224, 100  # vit_b16
+LM_BATCH, LM_LENGTH = 4, 256  # smollm2
+MODEL = "vit_b16"  # the workload, set once by main() or the memory child from --model
+WORKLOADS = {
+    "vit_b16": f"vit_base_patch16_224, batch {BATCH}, {SIZE}x{SIZE}",
+    "smollm2": f"SmolLM2-135M-Instruct, batch {LM_BATCH} x {LM_LENGTH} tokens, next-token loss",
+}
 
 
 def base_model() -> torch.nn.Module:
     torch.manual_seed(0)
+    if MODEL == "smollm2":
+        from vpeft.backbones.causal_lm import load_causal_lm
+
+        return load_causal_lm("smollm2")[0]
     return timm.create_model("vit_base_patch16_224", num_classes=CLASSES)
 
 
@@ -54,35 +68,73 @@ def calibration() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (4,), generator=g))]
 
 
+def hf_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """HF PEFT's LoRA as users would set it up for the same adapter as vpeft's default ``lora``."""
+    from peft import LoraConfig, get_peft_model
+
+    if MODEL == "smollm2":  # vpeft's default: r=8, alpha=8, dropout 0.1 on q and v
+        config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+        return get_peft_model(model, config)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+
+
+def frozen_backprop(model: torch.nn.Module, base: torch.nn.Module) -> None:
+    model.requires_grad_(False)
+    if MODEL == "smollm2":
+        for layer in model.model.layers:  # zero biases: the output is unchanged, their gradient needs the backward
+            for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                proj.bias = torch.nn.Parameter(proj.weight.new_zeros(proj.out_features))
+        return
+    for block in model.blocks:  # own copies: the base's (shared) tensors stay frozen
+        block.attn.qkv.bias = torch.nn.Parameter(block.attn.qkv.bias.detach().clone())
+    model.head = copy.deepcopy(base.head).requires_grad_(True)
+
+
+def set_grad_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    if MODEL == "smollm2":
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    model.set_grad_checkpointing(on)
+
+
 def build(variant: str, base: torch.nn.Module, grad_ckpt: bool, own: bool = False) -> torch.nn.Module:
     """The variant on a copy of ``base``, or on ``base`` itself with ``own``. Copies of variants that leave the base
-    frozen share its tensors (one ViT-B in memory, not one per variant); full fine-tuning trains them, so it gets its
-    own."""
+    frozen share its tensors (one base model in memory, not one per variant); full fine-tuning trains them, so it gets
+    its own."""
     memo = {} if variant == "full" else {id(p): p for p in base.parameters()}
     model = base if own else copy.deepcopy(base, memo)
     if variant == HF_LORA:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+        model = hf_lora(model)
         inner = model.base_model.model
     elif variant == FLOOR:
-        model.requires_grad_(False)
-        for block in model.blocks:  # own copies: the base's (shared) tensors stay frozen
-            block.attn.qkv.bias = torch.nn.Parameter(block.attn.qkv.bias.detach().clone())
-        model.head = copy.deepcopy(base.head).requires_grad_(True)
+        frozen_backprop(model, base)
         inner = model
     else:
         cal = calibration() if METHODS[variant].needs_calibration else None
         vpeft.apply_method(model, variant, calibration=cal)
         inner = model
-    inner.set_grad_checkpointing(grad_ckpt)
+    set_grad_checkpointing(inner, grad_ckpt)
     return model
 
 
 def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
+    if MODEL == "smollm2":
+        ids = torch.randint(0, 49152, (LM_BATCH, LM_LENGTH), generator=g).to(device)
+        return ids, ids
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device)
     return x, torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=x).logits if MODEL == "smollm2" else model(x)
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if MODEL == "smollm2":  # next-token cross-entropy, as the Trainer computes it
+        return model(input_ids=x, labels=y).loss
+    return F.cross_entropy(model(x), y)
 
 
 def step_fn(model: torch.nn.Module, device: torch.device):
@@ -92,7 +144,7 @@ def step_fn(model: torch.nn.Module, device: torch.device):
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_of(model, x, y).backward()
         opt.step()
 
     return step
@@ -111,7 +163,8 @@ def timed(fn, device: torch.device) -> float:
 def child_peak_memory(variant: str, grad_ckpt: bool, default_allocator: bool = False) -> float:
     """Peak memory (MB) of a fresh process that builds the variant and runs three training steps: GPU memory
     allocated on CUDA, resident set size on the CPU (with a fixed mmap threshold unless ``default_allocator``)."""
-    cmd = [sys.executable, __file__, "--memory-child", variant] + (["--grad-ckpt"] if grad_ckpt else [])
+    cmd = [sys.executable, __file__, "--memory-child", variant, "--model", MODEL]
+    cmd += ["--grad-ckpt"] if grad_ckpt else []
     env = dict(os.environ)
     if not default_allocator:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # setting it at all turns the dynamic raise off
@@ -156,7 +209,8 @@ def memory_table(variants: list[str], grad_ckpt: bool, default_allocator: bool) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="all", help="comma-separated vpeft methods (default: all registered)")
+    parser.add_argument("--model", choices=("vit_b16", "smollm2"), default="vit_b16", help="the workload")
+    parser.add_argument("--methods", help="comma-separated vpeft methods (default: all registered; smollm2: lora)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--out", type=Path, help="markdown table (default V-PEFT-Bench/perf/results/<device>.md)")
@@ -165,21 +219,27 @@ def main() -> None:
     parser.add_argument("--default-allocator", action="store_true", help="CPU peak: glibc's own mmap threshold")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
+    if args.methods is None:
+        args.methods = "lora" if MODEL == "smollm2" else "all"
     if args.memory_child:
         return memory_child(args.memory_child, args.grad_ckpt)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
-    variants = ["full", "linear", FLOOR, HF_LORA] + [m for m in methods if m not in ("full", "linear")]
+    references = ["full", FLOOR, HF_LORA] if MODEL == "smollm2" else ["full", "linear", FLOOR, HF_LORA]  # no LM head
+    variants = references + [m for m in methods if m not in ("full", "linear")]
     if args.memory_only:
         return memory_table(variants, args.grad_ckpt, args.default_allocator)
     base = base_model().to(device)
     models = {v: build(v, base, args.grad_ckpt).to(device).train() for v in variants}
     steps = {v: step_fn(m, device) for v, m in models.items()}
     x = batch(device)[0]
+    base.eval()
 
     adapted = [v for v in models if v not in ("full", "linear", FLOOR)]
-    infer = {"base": base.eval()} | {f"{v} unmerged": models[v] for v in adapted}
+    infer = {"base": base} | {f"{v} unmerged": models[v] for v in adapted}
     for v in methods:
         if v in METHODS and METHODS[v].mergeable and v not in ("full", "linear"):
             merged = copy.deepcopy(models[v])  # its own base tensors: merging writes into them
@@ -195,7 +255,7 @@ def main() -> None:
         with torch.no_grad():
             for k, m in infer.items():
                 m.eval()
-                infer_times[k].append(timed(lambda m=m: m(x), device))
+                infer_times[k].append(timed(lambda m=m: forward(m, x), device))
     peak = {v: float("nan") for v in steps}
     if not args.no_memory:
         peak = {v: child_peak_memory(v, args.grad_ckpt, args.default_allocator) for v in steps}
@@ -209,9 +269,10 @@ def main() -> None:
     lines = [
         f"# Speed and memory: {machine} ({cores} threads), torch {torch.__version__}, timm {timm.__version__}",
         "",
-        f"`python V-PEFT-Bench/perf/speed.py{' --grad-ckpt' if args.grad_ckpt else ''} --reps {args.reps}"
+        f"`python V-PEFT-Bench/perf/speed.py{'' if MODEL == 'vit_b16' else ' --model ' + MODEL}"
+        f"{' --grad-ckpt' if args.grad_ckpt else ''} --reps {args.reps}"
         f"{'' if args.methods == 'all' else ' --methods ' + args.methods}{' --no-memory' if args.no_memory else ''}`; "
-        f"vit_base_patch16_224, batch {BATCH}, {SIZE}x{SIZE}, AdamW; medians of {args.reps} interleaved rounds.",
+        f"{WORKLOADS[MODEL]}, AdamW; medians of {args.reps} interleaved rounds.",
         f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. Peak memory: "
         + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
         + ("" if device.type == "cuda" or args.default_allocator else " (fixed mmap threshold)")
@@ -229,7 +290,8 @@ def main() -> None:
     lines += [f"| {k} | {ms:.1f} | {ms / infer_ms['base']:.3f} |" for k, ms in infer_ms.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    name = ("gpu-" if device.type == "cuda" else "cpu-") + ("ckpt" if args.grad_ckpt else "plain")
+    name = ("gpu-" if device.type == "cuda" else "cpu-") + ("" if MODEL == "vit_b16" else f"{MODEL}-")
+    name += "ckpt" if args.grad_ckpt else "plain"
     out = args.out or Path(__file__).parent / "results" / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
