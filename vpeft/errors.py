@@ -35,3 +35,19 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional Python package (name its extra: ``pip install 'vpeft[medical]'``) or a system package is missing."""
+
+
+class OptionError(ConfigError):
+    """A method option that is wrong: out of range, not one of the choices, or at odds with another option.
+
+    ``option`` is the option's name (``r``), so a run config can name the key it came from (``method.r``) and its file.
+    """
+
+    def __init__(self, message: str, option: str = ""):
+        super().__init__(message)
+        self.option = option
+
+
+class OptionTypeError(OptionError, TypeError):
+    """A method option of the wrong type, or one the method does not have; also a ``TypeError``, as Python raises for
+    a wrong or unexpected keyword argument."""

@@ -205,3 +205,34 @@ def test_python_construction_validates_method():
     assert cfg.method.options == {}
     with pytest.raises(ValueError, match="'r'"):
         RunConfig(model={"name": "m"}, data={"name": "d"}, method={"name": "ssf", "r": 4})
+
+
+def test_method_option_out_of_range_names_the_key_path_and_its_file(tmp_path):
+    write(tmp_path, "base.yaml", MINIMAL + "method: {name: lora, r: 4, alpha: 2.0, dropout: 1.5}\n")
+    child = write(tmp_path, "child.yaml", "_base_: base.yaml\nmethod: {r: 8}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(child)
+    # only the bad option is named, with the file it came from (the base), not the child that set r
+    assert str(info.value) == (
+        f"invalid run config:\n  method.dropout (in {(tmp_path / 'base.yaml').resolve()}): "
+        "lora option dropout must be in [0, 1), got 1.5."
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(child, ["method.dropout=0.1", "method.r=0"])
+    assert "method.r (in --set method.r=0): lora option r must be >= 1, got 0." in str(info.value)
+
+
+def test_method_rule_across_options_names_the_option_it_blames(tmp_path):
+    path = write(tmp_path, "run.yaml", MINIMAL + "method: {name: repadapter, dim: 8, groups: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"method.groups (in {path.resolve()}): repadapter option groups must divide dim=8, got 3." in message
+
+
+def test_method_option_inside_a_list_is_named_by_its_key(tmp_path):
+    path = write(tmp_path, "run.yaml", MINIMAL + "method: {name: earth_adapter, grid: [14, 0]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"method.grid (in {path.resolve()}): earth_adapter option grid[1] must be >= 1, got 0." in message

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .config import MethodConfig
+from .config import MethodConfig, check_ranks
 from .layers import WHOLE, Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
 from .report import Report
 from .targets import SHARED, find_heads, fused_parts, select_targets
@@ -120,6 +120,7 @@ def add_adapter(
         decided = method_cls.prepare(config, model, targets, calibration)
         if decided != config:
             config, targets = decided, select_targets(model, decided, method_cls, method)
+    check_ranks(config, targets, method)  # before the first SVD or allocation of an update that does not fit
     heads = find_heads(model, config)
     trainable_base = method_cls.trainable_base(config, model)
     shared = method_cls.build_shared(config, targets)

@@ -94,18 +94,10 @@ class MethodSection(_Section):
             raise PydanticCustomError("method_option", "{message}", {"key": "name", "message": err.args[0]}) from None
         try:
             build_config(cls.Config, self.options, self.name)
-        except (TypeError, ValueError) as err:
-            key = next((k for k, v in self.options.items() if _fails(cls.Config, {k: v}, self.name)), "")
+        except (TypeError, ValueError) as err:  # an OptionError names its option; another error names the method
+            key = getattr(err, "option", "")
             raise PydanticCustomError("method_option", "{message}", {"key": key, "message": str(err)}) from None
         return self
-
-
-def _fails(config_cls: Any, options: dict[str, Any], method: str) -> bool:
-    try:
-        build_config(config_cls, options, method)
-    except (TypeError, ValueError):
-        return True
-    return False
 
 
 class DataConfig(_Section):

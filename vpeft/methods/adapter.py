@@ -23,27 +23,20 @@ Where this follows the paper rather than the code:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, MethodConfig, PositiveInt, Target
 from ._blocks import ACTIVATIONS, dropout
 
 
 @dataclass
 class AdapterConfig(MethodConfig):
     targets: tuple[str, ...] = ("mlp",)
-    dim: int = 8  # bottleneck width
-    act: str = "quick_gelu"  # quick_gelu (NOAH), gelu or relu
-    dropout: float = 0.1  # between the activation and the up projection
-
-    def check(self) -> None:
-        if self.dim < 1:
-            raise ValueError(f"adapter option dim must be >= 1, got {self.dim}.")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"adapter option act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter option dropout must be in [0, 1), got {self.dropout}.")
+    dim: PositiveInt = 8  # bottleneck width
+    act: Literal[tuple(ACTIVATIONS)] = "quick_gelu"  # quick_gelu (NOAH), gelu or relu
+    dropout: DropProbability = 0.1  # between the activation and the up projection
 
 
 class Adapter(AdapterModule):

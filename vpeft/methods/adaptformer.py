@@ -29,24 +29,16 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, Target
 from ._blocks import Taps, block_of, dropout
 
 
 @dataclass
 class AdaptFormerConfig(MethodConfig):
     targets: tuple[str, ...] = ("mlp", "norm2")  # norm2 taps the residual stream, see the module docstring
-    dim: int = 8  # bottleneck width
-    scale: float = 0.1  # s
-    dropout: float = 0.1  # after the ReLU
-
-    def check(self) -> None:
-        if self.dim < 1:
-            raise ValueError(f"adaptformer option dim must be >= 1, got {self.dim}.")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"adaptformer option scale must be a finite number, got {self.scale}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adaptformer option dropout must be in [0, 1), got {self.dropout}.")
+    dim: PositiveInt = 8  # bottleneck width
+    scale: FiniteFloat = 0.1  # s
+    dropout: DropProbability = 0.1  # after the ReLU
 
 
 class AdaptFormer(AdapterModule):

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, ProperFraction, Rank, Target
 from . import _svd
 from ._blocks import dropout
 
@@ -44,24 +45,12 @@ PROJECT = ("both", "input", "output")
 @dataclass
 class CompLoRAConfig(MethodConfig):
     targets: tuple[str, ...] = ("q", "k", "v")
-    r: int = 2
-    alpha: float = 1.0  # the update is scaled by alpha / r
-    dropout: float = 0.25
-    k_ratio: float = 0.1  # principal directions kept out of the update, as a fraction of min(out, in)
-    k: int | None = None  # the same as an absolute count (overrides k_ratio)
-    project: str = "both"  # both | input | output
-
-    def check(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"comp_lora option r must be >= 1, got {self.r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"comp_lora option dropout must be in [0, 1), got {self.dropout}.")
-        if not 0.0 < self.k_ratio < 1.0:
-            raise ValueError(f"comp_lora option k_ratio must be in (0, 1), got {self.k_ratio}.")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"comp_lora option k must be >= 1 or None, got {self.k}.")
-        if self.project not in PROJECT:
-            raise ValueError(f"comp_lora option project must be one of {PROJECT}, got {self.project!r}.")
+    r: Rank = 2
+    alpha: FiniteFloat = 1.0  # the update is scaled by alpha / r
+    dropout: DropProbability = 0.25
+    k_ratio: ProperFraction = 0.1  # principal directions kept out of the update, as a fraction of min(out, in)
+    k: PositiveInt | None = None  # the same as an absolute count (overrides k_ratio)
+    project: Literal[PROJECT] = "both"  # both | input | output
 
 
 class CompLoRA(AdapterModule):

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, NonNegativeInt, PositiveInt, Target
 from ._blocks import dropout, quick_gelu
 
 CONV_INITS = ("xavier", "identity")
@@ -43,23 +44,11 @@ CONV_INITS = ("xavier", "identity")
 @dataclass
 class ConvpassConfig(MethodConfig):
     targets: tuple[str, ...] = ("attn", "mlp")
-    dim: int = 8  # bottleneck channels
-    scale: float = 1.0  # s, tuned per task in the official configs
-    conv_init: str = "xavier"  # xavier, or identity (zero kernel, I on the centre tap)
-    dropout: float = 0.1  # before the up projection
-    num_prefix_tokens: int = 1  # class (and register) tokens before the patch grid
-
-    def check(self) -> None:
-        if self.dim < 1:
-            raise ValueError(f"convpass option dim must be >= 1, got {self.dim}.")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"convpass option scale must be a finite number, got {self.scale}.")
-        if self.conv_init not in CONV_INITS:
-            raise ValueError(f"convpass option conv_init must be one of {list(CONV_INITS)}, got {self.conv_init!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"convpass option dropout must be in [0, 1), got {self.dropout}.")
-        if self.num_prefix_tokens < 0:
-            raise ValueError(f"convpass option num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}.")
+    dim: PositiveInt = 8  # bottleneck channels
+    scale: FiniteFloat = 1.0  # s, tuned per task in the official configs
+    conv_init: Literal[CONV_INITS] = "xavier"  # xavier, or identity (zero kernel, I on the centre tap)
+    dropout: DropProbability = 0.1  # before the up projection
+    num_prefix_tokens: NonNegativeInt = 1  # class (and register) tokens before the patch grid
 
 
 class Convpass(AdapterModule):

@@ -35,11 +35,7 @@ from .lora import LoRA, LoRAConfig
 
 @dataclass
 class DoRAConfig(LoRAConfig):
-    def check(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"dora option r must be >= 1, got {self.r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dora option dropout must be in [0, 1), got {self.dropout}.")
+    """LoRA's options: the rank, its scaling, dropout and the targets."""
 
 
 class DoRA(LoRA):

@@ -45,21 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, MethodConfig, PositiveInt, Target
 from ._blocks import ResidualTaps, block_of, quick_gelu
 
 
 @dataclass
 class DVPTConfig(MethodConfig):
     targets: tuple[str, ...] = ("mlp", "norm2")  # norm2 taps the residual stream (see the module docstring)
-    latent: int = 20  # c, the bottleneck width
-    num_prompts: int = 10  # M, per block
-    share_every: int = 3  # consecutive adapted blocks sharing one bottleneck (W_d, W_u, g)
-
-    def check(self) -> None:
-        for option in ("latent", "num_prompts", "share_every"):
-            if getattr(self, option) < 1:
-                raise ValueError(f"dvpt option {option} must be >= 1, got {getattr(self, option)}.")
+    latent: PositiveInt = 20  # c, the bottleneck width
+    num_prompts: PositiveInt = 10  # M, per block
+    share_every: PositiveInt = 3  # consecutive adapted blocks sharing one bottleneck (W_d, W_u, g)
 
 
 class DVPTShared(nn.Module):

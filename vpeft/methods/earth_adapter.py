@@ -50,31 +50,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, FiniteFloat, MethodConfig, NonNegativeInt, PositiveInt, ProperFraction, Target
 
 
 @dataclass
 class EarthAdapterConfig(MethodConfig):
     targets: tuple[str, ...] = ("block",)
-    dim: int = 64  # d, the expert bottleneck
-    cutoff_ratio: float = 0.3  # rho
+    dim: PositiveInt = 64  # d, the expert bottleneck
+    cutoff_ratio: ProperFraction = 0.3  # rho
     fft_layers: tuple[int, ...] | None = None  # positions among the adapted blocks; None: the first quarter
-    scale_init: float = 0.1  # s_l at initialisation
-    grid: tuple[int, int] | None = None  # (H, W) token grid; read from the model when None
-    num_prefix_tokens: int | None = None  # class/register tokens before the grid; read from the model when None
+    scale_init: FiniteFloat = 0.1  # s_l at initialisation
+    grid: tuple[PositiveInt, PositiveInt] | None = None  # (H, W) token grid; read from the model when None
+    num_prefix_tokens: NonNegativeInt | None = None  # class/register tokens before the grid; None: read from the model
     adapt_prefix: bool = True  # prefix tokens take the raw path f + s E1(f); False leaves them as the official code
-
-    def check(self) -> None:
-        if self.dim < 1:
-            raise ValueError(f"earth_adapter option dim must be >= 1, got {self.dim}.")
-        if not 0.0 < self.cutoff_ratio < 1.0:
-            raise ValueError(f"earth_adapter option cutoff_ratio must be in (0, 1), got {self.cutoff_ratio}.")
-        if not math.isfinite(self.scale_init):
-            raise ValueError(f"earth_adapter option scale_init must be finite, got {self.scale_init}.")
-        if self.grid is not None and min(self.grid) < 1:
-            raise ValueError(f"earth_adapter option grid must be two positive sizes (H, W), got {self.grid}.")
-        if self.num_prefix_tokens is not None and self.num_prefix_tokens < 0:
-            raise ValueError(f"earth_adapter option num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}.")
 
 
 def resolve_fft_layers(config: EarthAdapterConfig, count: int) -> tuple[int, ...]:

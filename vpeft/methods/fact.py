@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, Rank, Target
 from ._blocks import dropout
 
 _DEFAULT_TARGETS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")  # roles: attn.qkv[q,k,v], attn.proj, mlp.fc1/2
@@ -50,22 +50,15 @@ _DEFAULT_TARGETS = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")  # roles: at
 @dataclass
 class FacTTTConfig(MethodConfig):
     targets: tuple[str, ...] = _DEFAULT_TARGETS
-    r: int = 8
-    scale: float = 1.0  # s
-    dropout: float = 0.1
-
-    def check(self) -> None:
-        name = "fact_tk" if isinstance(self, FacTTKConfig) else "fact_tt"
-        if self.r < 1:
-            raise ValueError(f"{name} option r must be >= 1, got {self.r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{name} option dropout must be in [0, 1), got {self.dropout}.")
+    r: Rank = 8
+    scale: FiniteFloat = 1.0  # s
+    dropout: DropProbability = 0.1
 
 
 @dataclass
 class FacTTKConfig(FacTTTConfig):
-    r: int = 32
-    scale: float = 10.0
+    r: Rank = 32
+    scale: FiniteFloat = 10.0
 
 
 class FacTShared(nn.Module):

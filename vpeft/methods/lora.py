@@ -24,22 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, Rank, Target
 from ._blocks import dropout
 
 
 @dataclass
 class LoRAConfig(MethodConfig):
     targets: tuple[str, ...] = ("q", "v")
-    r: int = 8
-    alpha: float = 8.0  # the update is scaled by alpha / r
-    dropout: float = 0.1
-
-    def check(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora option r must be >= 1, got {self.r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora option dropout must be in [0, 1), got {self.dropout}.")
+    r: Rank = 8
+    alpha: FiniteFloat = 8.0  # the update is scaled by alpha / r
+    dropout: DropProbability = 0.1
 
 
 class LoRA(AdapterModule):

@@ -27,25 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import WHOLE, AdapterModule, MethodConfig, Target
+from ..core import WHOLE, AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, Target
+from ..errors import OptionError
 from ._blocks import dropout
 
 
 @dataclass
 class RepAdapterConfig(MethodConfig):
     targets: tuple[str, ...] = ("qkv", "mlp_in")  # inputs of attn.qkv and mlp.fc1
-    dim: int = 8  # hidden width h
-    groups: int = 2  # groups of the up projection B
-    scale: float = 1.0  # s
-    dropout: float = 0.1
+    dim: PositiveInt = 8  # hidden width h
+    groups: PositiveInt = 2  # groups of the up projection B
+    scale: FiniteFloat = 1.0  # s
+    dropout: DropProbability = 0.1
 
     def check(self) -> None:
-        if self.dim < 1:
-            raise ValueError(f"repadapter option dim must be >= 1, got {self.dim}.")
-        if self.groups < 1 or self.dim % self.groups:
-            raise ValueError(f"repadapter option groups must be >= 1 and divide dim={self.dim}, got {self.groups}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"repadapter option dropout must be in [0, 1), got {self.dropout}.")
+        if self.dim % self.groups:
+            raise OptionError(f"repadapter option groups must divide dim={self.dim}, got {self.groups}.", "groups")
 
 
 class RepAdapter(AdapterModule):

@@ -32,37 +32,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, LenientRank, MethodConfig, NonNegativeFloat, ProperFraction, Rank, Target
 from . import _svd
 
 
 @dataclass
 class SALTConfig(MethodConfig):
     targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")
-    ratio: float = 0.1  # r = max(1, floor(ratio * k)) top singular values get scale and shift
-    rank: int | None = None  # r as an absolute count (overrides ratio)
-    r_lora: int = 256  # rank of X Y in the tail
-    relu: str = "elementwise"  # elementwise | diag
-    init: str = "identity"  # identity (SAM2 file) | sam1
-    reg_weight: float = 0.0
-
-    def check(self) -> None:
-        if not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"salt option ratio must be in (0, 1), got {self.ratio}.")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"salt option rank must be >= 1 or None, got {self.rank}.")
-        if self.r_lora < 1:
-            raise ValueError(f"salt option r_lora must be >= 1, got {self.r_lora}.")
-        if self.relu not in ("elementwise", "diag"):
-            raise ValueError(f"salt option relu must be 'elementwise' or 'diag', got {self.relu!r}.")
-        if self.init not in ("identity", "sam1"):
-            raise ValueError(f"salt option init must be 'identity' or 'sam1', got {self.init!r}.")
-        if self.reg_weight < 0:
-            raise ValueError(f"salt option reg_weight must be >= 0, got {self.reg_weight}.")
+    ratio: ProperFraction = 0.1  # r = max(1, floor(ratio * k)) top singular values get scale and shift
+    rank: Rank | None = None  # r as an absolute count (overrides ratio)
+    r_lora: LenientRank = 256  # rank of X Y in the tail; the released SAM2 file uses 256 on every layer
+    relu: Literal["elementwise", "diag"] = "elementwise"
+    init: Literal["identity", "sam1"] = "identity"  # identity (SAM2 file) | sam1
+    reg_weight: NonNegativeFloat = 0.0
 
 
 class SALT(AdapterModule):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, FiniteFloat, MethodConfig, NonNegativeFloat, NonNegativeInt, Rank, Target
 from . import _svd
 
 INITIAL_WD = "soma_initial_weight_decay"  # key this method adds to an optimizer param group
@@ -51,23 +51,13 @@ INITIAL_WD = "soma_initial_weight_decay"  # key this method adds to an optimizer
 @dataclass
 class SoMAConfig(MethodConfig):
     targets: tuple[str, ...] = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
-    r: int = 16
-    alpha: float = 16.0  # s = alpha / r
-    start_block: int | None = None  # blocks below are frozen; None: ceil(depth / 3), resolved when applied
+    r: Rank = 16
+    alpha: FiniteFloat = 16.0  # s = alpha / r
+    start_block: NonNegativeInt | None = None  # blocks below are frozen; None: ceil(depth / 3), resolved when applied
     train_bias: bool = True
     anneal_weight_decay: bool = True
-    weight_decay: float | None = 0.05  # start of the cosine; None: the param group's own initial value
-    weight_decay_min: float = 1e-5
-
-    def check(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"soma option r must be >= 1, got {self.r}.")
-        if self.start_block is not None and self.start_block < 0:
-            raise ValueError(f"soma option start_block must be >= 0 or None, got {self.start_block}.")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise ValueError(f"soma option weight_decay must be >= 0 or None, got {self.weight_decay}.")
-        if self.weight_decay_min < 0:
-            raise ValueError(f"soma option weight_decay_min must be >= 0, got {self.weight_decay_min}.")
+    weight_decay: NonNegativeFloat | None = 0.05  # start of the cosine; None: the param group's own initial value
+    weight_decay_min: NonNegativeFloat = 1e-5
 
 
 class SoMA(AdapterModule):

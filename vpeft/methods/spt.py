@@ -49,59 +49,58 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import (
+    AdapterModule,
+    DropProbability,
+    MethodConfig,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Rank,
+    Target,
+)
+from ..errors import OptionError
 from ..files import atomic_write
 from ..core.roles import ROLES
 from ..core.targets import fused_parts, name_matches
 from ._blocks import dropout
 
 KINDS = ("none", "structured", "sparse", "full")
-PlanEntry = tuple[str, str, int, str, int]  # target key, weight kind, weight count, bias kind, bias count
+# target key, weight kind, weight count, bias kind, bias count
+PlanEntry = tuple[str, Literal[KINDS], NonNegativeInt, Literal[KINDS], NonNegativeInt]
 
 
 @dataclass
 class SPTLoRAConfig(MethodConfig):
     targets: tuple[str, ...] = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "norm1", "norm2", "norm")
-    param_budget: float = 0.4  # millions of trainable parameters (head excluded)
+    param_budget: PositiveFloat = 0.4  # millions of trainable parameters (head excluded)
     structured: str = "lora"  # "lora", "adapter" (SPT's sequential adapter) or a registry method wrapping Linear
-    r: int = 8  # LoRA rank / adapter bottleneck
-    alpha: float = 10.0  # structured when n_W >= P_struct / alpha
-    beta: float = 5.0  # vector fully tuned when n_v >= dim / beta
-    dropout: float = 0.1  # on the structured module's input (not for attn.proj)
-    drop_path: float = 0.1  # per-sample DropPath on the structured output
-    calibration_batches: int = 16
-    score: str = "grad2"  # grad2: sum_b g_b^2 (official); taylor: sum_b |g_b * w|
+    r: Rank = 8  # LoRA rank / adapter bottleneck
+    alpha: PositiveFloat = 10.0  # structured when n_W >= P_struct / alpha
+    beta: PositiveFloat = 5.0  # vector fully tuned when n_v >= dim / beta
+    dropout: DropProbability = 0.1  # on the structured module's input (not for attn.proj)
+    drop_path: DropProbability = 0.1  # per-sample DropPath on the structured output
+    calibration_batches: PositiveInt = 16
+    score: Literal["grad2", "taylor"] = "grad2"  # grad2: sum_b g_b^2 (official); taylor: sum_b |g_b * w|
     plan_file: str | None = None
     sensitivity_file: str | None = None
     plan: tuple[PlanEntry, ...] = ()  # written by prepare()
 
     def check(self) -> None:
         name = "spt_adapter" if isinstance(self, SPTAdapterConfig) else "spt_lora"
-        for opt in ("param_budget", "alpha", "beta"):
-            if not (getattr(self, opt) > 0 and math.isfinite(getattr(self, opt))):
-                raise ValueError(f"{name} option {opt} must be a positive number, got {getattr(self, opt)}.")
-        if self.r < 1 or self.calibration_batches < 1:
-            raise ValueError(f"{name} options r and calibration_batches must be >= 1.")
-        for opt in ("dropout", "drop_path"):
-            if not 0.0 <= getattr(self, opt) < 1.0:
-                raise ValueError(f"{name} option {opt} must be in [0, 1), got {getattr(self, opt)}.")
-        if self.score not in ("grad2", "taylor"):
-            raise ValueError(f"{name} option score must be 'grad2' or 'taylor', got {self.score!r}.")
         cls = structured_class(self.structured, name)
         if name == "spt_lora" and (cls is _SeqAdapter or not cls.mergeable):
-            raise ValueError(
-                f"spt_lora option structured must be mergeable ({self.structured!r} is not): use spt_adapter."
+            raise OptionError(
+                f"spt_lora option structured must be mergeable ({self.structured!r} is not): use spt_adapter.",
+                "structured",
             )
-        for e in self.plan:
-            if e[1] not in KINDS or e[3] not in KINDS or min(e[2], e[4]) < 0:
-                raise ValueError(f"{name} option plan has a bad entry {e}; kinds are {KINDS}.")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, MethodConfig, NonNegativeFloat, Target
 
 
 @dataclass
@@ -40,11 +40,7 @@ class SSFConfig(MethodConfig):
         "norm2",
         "^norm$",
     )
-    init_std: float = 0.02  # std of gamma around 1 and of beta around 0 (official init)
-
-    def check(self) -> None:
-        if not self.init_std >= 0.0:
-            raise ValueError(f"ssf option init_std must be >= 0, got {self.init_std}.")
+    init_std: NonNegativeFloat = 0.02  # std of gamma around 1 and of beta around 0 (official init)
 
 
 class SSF(AdapterModule):

@@ -30,33 +30,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import AdapterModule, DropProbability, MethodConfig, NonNegativeInt, PositiveInt, Target
 from ._blocks import dropout
 
 
 @dataclass
 class VPTShallowConfig(MethodConfig):
     targets: tuple[str, ...] = ("block",)
-    num_prompts: int = 50  # p, tuned per task in the paper
-    dropout: float = 0.1  # on the prompt tokens
-    patch_size: int = 16  # only sets the init range
-    num_prefix_tokens: int = 1  # prompts go after these (the class token)
-
-    def check(self) -> None:
-        name = "vpt_deep" if isinstance(self, VPTDeepConfig) else "vpt_shallow"
-        if self.num_prompts < 1:
-            raise ValueError(f"{name} option num_prompts must be >= 1, got {self.num_prompts}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{name} option dropout must be in [0, 1), got {self.dropout}.")
-        if self.patch_size < 1:
-            raise ValueError(f"{name} option patch_size must be >= 1, got {self.patch_size}.")
-        if self.num_prefix_tokens < 0:
-            raise ValueError(f"{name} option num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}.")
+    num_prompts: PositiveInt = 50  # p, tuned per task in the paper
+    dropout: DropProbability = 0.1  # on the prompt tokens
+    patch_size: PositiveInt = 16  # only sets the init range
+    num_prefix_tokens: NonNegativeInt = 1  # prompts go after these (the class token)
 
 
 @dataclass
 class VPTDeepConfig(VPTShallowConfig):
-    num_prompts: int = 10
+    num_prompts: PositiveInt = 10
 
 
 def _block_width(target: Target) -> int:
