@@ -31,21 +31,6 @@ if [ "$(cat .venv/.vpeft-stamp 2>/dev/null)" != "$stamp" ]; then
     echo "$stamp" > .venv/.vpeft-stamp
 fi
 
-# Debian packages: checked on every run (dpkg-query is fast), installed when this shell may (root, apt-get)
-missing=()
-command -v dpkg-query >/dev/null || echo "vpeft setup: no dpkg here; provide the data of requirements/debian.txt by hand" >&2
-command -v dpkg-query >/dev/null && for pkg in $(sed -e 's/#.*//' requirements/debian.txt); do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "vpeft setup: installing system data: ${missing[*]} (log in $LOG)"
-        quietly apt-get update -q
-        quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-    else
-        echo "vpeft setup: missing Debian packages: ${missing[*]}; install them with" \
-             "\`sudo apt-get install ${missing[*]}\` (the tests that need them skip until then)" >&2
-    fi
-fi
+bash tools/install_system_packages.sh "$LOG"
 export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # nothing is downloaded
