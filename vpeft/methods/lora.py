@@ -44,6 +44,7 @@ class LoRAConfig(MethodConfig):
 
 class LoRA(AdapterModule):
     Config = LoRAConfig
+    lora_variant = "lora"
     wraps = ("linear", "conv2d", "mha")
     mergeable = True
 

@@ -56,10 +56,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..core import AdapterModule, MethodConfig, Target
+from ..core import ROLES, AdapterModule, MethodConfig, Target, fused_parts, name_matches
 from ..files import atomic_write
-from ..core.roles import ROLES
-from ..core.targets import fused_parts, name_matches
 from ._blocks import dropout
 
 KINDS = ("none", "structured", "sparse", "full")
