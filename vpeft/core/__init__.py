@@ -49,7 +49,7 @@ from .inject import (
 from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, load_adapter_tensors, read_adapter, write_adapter
 from .layers import AdapterModule, AdapterRecord
 from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
-from .report import Report
+from .report_table import Report
 from .roles import ROLES
 from .targets import name_matches, select_targets, walk
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .config import MethodConfig
 from .layers import Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
 from .modules import WHOLE, fused_parts
-from .report import Report
+from .report_table import Report
 from .roles import ROLES
 from .targets import SHARED, find_heads, name_matches, select_targets, walk
 

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from ..core import ROLES, AdapterModule, MethodConfig, Target, fused_parts, name_matches
 from ..files import atomic_write
 from ._blocks import dropout
+from ._registry import METHODS
 
 KINDS = ("none", "structured", "sparse", "full")
 PlanEntry = tuple[str, str, int, str, int]  # target key, weight kind, weight count, bias kind, bias count
@@ -110,8 +111,6 @@ class SPTAdapterConfig(SPTLoRAConfig):
 def structured_class(name: str, method: str = "spt") -> type:
     if name == "adapter":
         return _SeqAdapter
-    from . import METHODS  # lazy: the registry imports this file
-
     cls = METHODS.get(name)
     if (
         cls is None
