@@ -90,14 +90,6 @@ def run_unit(args, suite, task, method, seeds, recipe: Path, out: Path) -> int:
     for run in final_runs(suite, args.protocol, task, method, seeds, point, args.set):
         run_or_list(run, " (with the selected grid point)")
     return failed
-    for run in final_runs(suite, args.protocol, task, method, seeds, point, args.set):
-        if args.dry_run:
-            print(f"  {run.rel_dir} (with the selected grid point)")
-            continue
-        record, ran = execute(run, recipe, out, args.keep_checkpoints)
-        _say(record, ran)
-        failed += record["status"] != "ok"
-    return failed
 
 
 def _spawn_shards(argv: list[str], jobs: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.core import io
+from vpeft.core import io  # the core module whose file writer the crash test replaces
 from vpeft.files import atomic_write
 
 from .conftest import tiny_vit

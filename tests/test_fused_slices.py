@@ -11,9 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import vpeft
-from vpeft.core import AdapterModule
-from vpeft.core.layers import Adapted, Switch
-from vpeft.core.targets import fused_parts
+from vpeft.core import AdapterModule, fused_parts
+from vpeft.core.layers import Adapted, Switch  # the wrapper itself, a core internal, is what this file tests
 from vpeft.methods._blocks import Dropout
 
 from .conftest import tiny_vit

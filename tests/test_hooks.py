@@ -92,7 +92,7 @@ def test_calibration_decides_once_and_the_decision_is_saved(busiest, tmp_path):
 def test_extra_loss_and_step_schedule_reach_the_active_layers(busiest):
     model = tiny_vit()
     vpeft.apply_method(model, "busiest", calibration=[(torch.randn(1, 3, 32, 32), None)])
-    layer = vpeft.core.inject.layers_of(model, "default")[0]
+    layer = vpeft.core.layers_of(model, "default")[0]
     with torch.no_grad():
         layer.shift.fill_(0.5)
     torch.testing.assert_close(vpeft.method_loss(model), torch.tensor(0.25 * layer.shift.numel()))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import vpeft
-from vpeft.core.targets import name_matches
+from vpeft.core import name_matches
 
 from .conftest import tiny_vit
 

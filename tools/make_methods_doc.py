@@ -58,7 +58,7 @@ def render() -> str:
                 if f.default is not dataclasses.MISSING
             )
             sections += [f"`{name}` defaults: {defaults}; wraps {', '.join(cls.wraps)}.", ""]
-    from vpeft.methods import _svd  # the SVD that soma, salt and comp_lora share, with its measured speed
+    from vpeft.methods import _svd  # the SVD that soma, salt and comp_lora share
 
     sections += ["## The SVD of the pretrained weights (`soma`, `salt`, `comp_lora`)", "", inspect.getdoc(_svd), ""]
     return "\n".join(lines + [""] + sections).rstrip() + "\n"

@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from .core import Report, build_config, inject, io
+from . import core
+from .core import Report, add_adapter, build_config, load_adapter_tensors, read_adapter, write_adapter
 from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS
 from .registry import lookup
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def list_methods() -> list[str]:
@@ -32,37 +32,37 @@ def apply_method(
     """
     cls = lookup(METHODS, method, "method")
     config = build_config(cls.Config, options, method)
-    return inject.add_adapter(model, cls, method, config, adapter_name, calibration)
+    return add_adapter(model, cls, method, config, adapter_name, calibration)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter and head tensors only)."""
-    return io.save(model, directory, adapter_name, __version__)
+    return write_adapter(model, directory, adapter_name, __version__)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Report:
     """Rebuild the saved method on ``model`` and load its tensors; on any mismatch the model is left unchanged."""
-    meta, tensors = io.read(directory)
+    meta, tensors = read_adapter(directory)
     name = adapter_name or meta["adapter_name"]
     cls = lookup(METHODS, meta["method"], "method")
     config = build_config(cls.Config, meta["options"], meta["method"])
     try:
-        report = inject.add_adapter(model, cls, meta["method"], config, name, prepared=True)
+        report = add_adapter(model, cls, meta["method"], config, name, prepared=True)
     except ValueError as err:
         raise ValueError(f"cannot load the adapter in {directory} (saved from {meta['model_class']}): {err}") from None
     try:
-        io.load_tensors(model, name, tensors, str(directory))
+        load_adapter_tensors(model, name, tensors, str(directory))
     except Exception:
-        inject.delete_adapter(model, name)
+        core.delete_adapter(model, name)
         raise
     return report
 
 
-merge = inject.merge
-unmerge = inject.unmerge
-disabled = inject.disabled
-set_adapter = inject.set_adapter
-delete_adapter = inject.delete_adapter
-report = inject.report
-method_loss = inject.method_loss
-on_step = inject.on_step
+merge = core.merge
+unmerge = core.unmerge
+disabled = core.disabled
+set_adapter = core.set_adapter
+delete_adapter = core.delete_adapter
+report = core.report
+method_loss = core.method_loss
+on_step = core.on_step

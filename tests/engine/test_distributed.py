@@ -47,7 +47,7 @@ def test_two_processes_match_one(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "fact_tt", "vpt_deep", "linear"])
 def test_fsdp_units_never_mix_frozen_and_trainable_tensors(method):
     import vpeft
-    from vpeft.engine.distributed import fsdp_units
+    from vpeft.core import fsdp_units
 
     from ..conftest import tiny_vit
 

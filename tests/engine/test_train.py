@@ -141,7 +141,7 @@ def test_first_step_names_tensors_without_gradient(tmp_path, monkeypatch):
 
     def apply_and_add_unused(model, name, **kwargs):
         report = real_apply(model, name, **kwargs)
-        layer = vpeft.core.inject.layers_of(model, "default")[0]
+        layer = vpeft.core.layers_of(model, "default")[0]
         layer.unused = torch.nn.Parameter(torch.zeros(3))  # trainable, never in the forward pass
         return report
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import vpeft
-from vpeft.core import io
+from vpeft.core import adapter_tensors
 
 from .models import batches, task_loss
 
@@ -70,7 +70,7 @@ def train_side_by_side(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
-    ours_tensors = io.adapter_tensors(ours, "default")
+    ours_tensors = adapter_tensors(ours, "default")
     their_params = dict(theirs.named_parameters())
     with torch.no_grad():
         for key, value in ours_tensors.items():

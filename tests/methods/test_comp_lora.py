@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vpeft
-from vpeft.core.inject import layers_of
+from vpeft.core import layers_of
 from vpeft.methods import _svd
 
 from ..conftest import tiny_vit

@@ -100,7 +100,7 @@ def test_non_square_grid_forward_save_load_disable(tmp_path, adapt_prefix):
     images = _images()
     model = copy.deepcopy(base)
     vpeft.apply_method(model, "earth_adapter", dim=8, fft_layers=(0, -1), adapt_prefix=adapt_prefix)
-    config = vpeft.core.inject.state_of(model).adapters["default"].config
+    config = vpeft.core.adapter_record(model, "default").config
     assert config.grid == (4, 6) and config.num_prefix_tokens == 1 and config.fft_layers == (0, 1)
     assert _layer(model, 0).frequency and _layer(model, 1).frequency
     with torch.no_grad():

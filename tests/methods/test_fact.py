@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vpeft
-from vpeft.core.inject import shared_of
+from vpeft.core import shared_of
 
 from ..conftest import tiny_vit
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vpeft
-from vpeft.core.inject import layers_of
+from vpeft.core import layers_of
 
 from ..conftest import tiny_vit
 

@@ -12,8 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import vpeft
-from vpeft.core import Target
-from vpeft.core.inject import state_of
+from vpeft.core import Target, adapter_record, select_targets
 from vpeft.methods.spt import SPT, SPTAdapterConfig, SPTLoRAConfig, allocate, build_structured, decide, plan_total
 
 from ..conftest import tiny_vit
@@ -37,7 +36,7 @@ class Batches:
 
 
 def config_of(model: nn.Module):
-    return state_of(model).adapters["default"].config
+    return adapter_record(model, "default").config
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +231,6 @@ def test_prepare_leaves_the_model_alone():
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    from vpeft.core.targets import select_targets
-
     config = SPTLoRAConfig(param_budget=0.002)
     decided = SPT.prepare(config, model, select_targets(model, config, SPT, "spt_lora"), Batches())
     assert decided.plan and flags == {n: p.requires_grad for n, p in model.named_parameters()}
@@ -262,7 +259,6 @@ def test_structured_options(scores_file, images):
 def test_a_loss_callable_scores_as_its_batch_does():
     """Calibration items may be callables returning a loss (how the engine passes a task's own loss): one computing
     cross-entropy gives exactly the scores of the ``(inputs, labels)`` pair it closes over."""
-    from vpeft.core.targets import select_targets
     from vpeft.methods.spt import _candidates, sensitivity
 
     model = tiny_vit()
@@ -286,7 +282,6 @@ def test_a_loss_callable_scores_as_its_batch_does():
 
 def test_scores_are_squared_gradients_summed_over_batches():
     """Against ``torch.autograd.grad`` per batch, with the same drop-path draws; a caller's gradients survive."""
-    from vpeft.core.targets import select_targets
     from vpeft.methods.spt import _candidates, sensitivity
 
     model = tiny_vit()

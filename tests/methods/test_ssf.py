@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vpeft
-from vpeft.core.inject import layers_of
+from vpeft.core import layers_of
 
 from ..conftest import tiny_vit
 

@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 
+from vpeft.deps import require
 from vpeft.errors import DataError, MissingDependencyError, MissingFileError
 from vpeft.files import current_umask
 
@@ -49,10 +51,7 @@ def cache_root() -> Path:
 
 def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """A causal LM and its tokenizer from ``smollm2``, a ``.gguf`` file or a local Hugging Face folder."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise MissingDependencyError("causal language models need transformers: `pip install 'vpeft[hf]'`.") from None
+    transformers = require("transformers", "lm", "a causal language model")
     path = smollm2_path() if str(source) == "smollm2" else Path(source).expanduser()
     if path.suffix == ".gguf":
         path = _dequantised(path)
@@ -61,8 +60,8 @@ def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32
             f"causal LM {str(source)!r}: expected 'smollm2', a .gguf file or a folder holding config.json, weights "
             "and tokenizer files (nothing is downloaded)."
         )
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 
 
@@ -78,12 +77,11 @@ def _dequantised(gguf: Path) -> Path:
     folder = cache_root() / "gguf" / digest.hexdigest()[:20]
     if (folder / "model.safetensors").is_file():
         return folder
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    transformers = require("transformers", "lm", "a causal language model")
+    require("gguf", "lm", "reading a GGUF file")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, OSError, KeyError, IndexError) as err:
         raise DataError(f"cannot read GGUF file {str(gguf)!r} ({type(err).__name__}: {err}); is it truncated? "
                         "Re-copy or reinstall it.") from None  # fmt: skip

@@ -17,17 +17,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..deps import require
 from .base import Backbone
 
 _LAYER_LISTS = ("layer", "layers", "h", "blocks")  # BERT/ViT, Llama/Mistral, GPT-2, others
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("hf backbones need transformers: pip install 'vpeft[hf]'.") from None
-    return transformers
+    return require("transformers", "hf", "hf backbones")
 
 
 class HFBackbone(Backbone):

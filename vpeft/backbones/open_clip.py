@@ -25,17 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..deps import require
 from .base import Backbone
 
 log = logging.getLogger("vpeft")
 
 
 def _open_clip():
-    try:
-        import open_clip
-    except ImportError:
-        raise ImportError("open_clip backbones need open_clip_torch: pip install 'vpeft[clip]'.") from None
-    return open_clip
+    return require("open_clip", "clip", "open_clip backbones")
 
 
 class OpenClipBackbone(Backbone):

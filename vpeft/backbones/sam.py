@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..deps import require
 from ..registry import lookup
 from .base import Backbone
 
@@ -40,11 +41,7 @@ SAM_SIZES: dict[str, dict[str, Any]] = {
 
 
 def _segment_anything():
-    try:
-        import segment_anything
-    except ImportError:
-        raise ImportError("sam backbones need segment_anything: pip install 'vpeft[sam]'.") from None
-    return segment_anything
+    return require("segment_anything", "sam", "sam backbones")
 
 
 class SamBackbone(Backbone):

@@ -1,4 +1,30 @@
-"""The injection core: target selection, wrappers, adapter state and files. It knows no method, backbone or dataset."""
+"""The injection core: target selection, wrappers, adapter state and files. It knows no method, backbone or dataset.
+
+This is the core's one public face: code outside ``vpeft/core`` imports from here, never from a submodule.
+
+Writing a method
+    :class:`AdapterModule` (the base class), :class:`MethodConfig` and :func:`build_config` (options checked field by
+    field; the option types ``PositiveInt``, ``NonNegativeInt``, ``DropProbability``, ``ProperFraction``,
+    ``PositiveFloat``, ``NonNegativeFloat``, ``FiniteFloat``, ``Rank`` and ``LenientRank`` declare their ranges),
+    :class:`Target` (one place an adapter attaches), ``WHOLE`` (the part name of a whole-module adapter);
+    reading a model as the core does: ``ROLES``, :func:`name_matches`, :func:`fused_parts`, :func:`walk`,
+    :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model).
+
+Named adapters on a model (the entry points :mod:`vpeft.api` binds to the method registry)
+    :func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`disabled`, :func:`merge`,
+    :func:`unmerge`, :func:`report` (a :class:`Report`), :func:`method_loss`, :func:`on_step`.
+
+Adapter state
+    :func:`active_adapter` (the name that runs and trains), :func:`adapter_names`, :func:`adapter_record` (an
+    :class:`AdapterRecord`: method, config, targets, heads), :func:`unmerged_adapter`, :func:`layers_of` and
+    :func:`shared_of` (an adapter's modules), :func:`adapted_modules` (each module it changes, as an
+    :class:`AdaptedModule`), :func:`adapter_tensors` and :func:`load_adapter_tensors` (its tensors under their file
+    keys), :func:`no_weight_decay` (its tensors kept out of weight decay), :func:`fsdp_units` (FSDP wrapping that
+    never mixes frozen and trainable tensors in one unit).
+
+Adapter files
+    :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
+"""
 
 from .config import (
     DropProbability,
@@ -12,13 +38,77 @@ from .config import (
     ProperFraction,
     Rank,
     build_config,
+    config_to_dict,
 )
-from .layers import WHOLE, AdapterModule
-from .report import Report
-from .targets import Target
+from .inject import (
+    AdaptedModule,
+    active_adapter,
+    adapted_modules,
+    adapter_names,
+    adapter_record,
+    add_adapter,
+    delete_adapter,
+    disabled,
+    fsdp_units,
+    layers_of,
+    merge,
+    method_loss,
+    no_weight_decay,
+    on_step,
+    report,
+    set_adapter,
+    shared_of,
+    unmerge,
+    unmerged_adapter,
+)
+from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, load_adapter_tensors, read_adapter, write_adapter
+from .layers import AdapterModule, AdapterRecord
+from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
+from .report_table import Report
+from .roles import ROLES
+from .targets import name_matches, select_targets, walk
 
-__all__ = ["WHOLE", "AdapterModule", "MethodConfig", "Report", "Target", "build_config"]
-__all__ += [  # the option types with their constraints, for the method configs
+__all__ = [
+    "CONFIG_FILE",
+    "ROLES",
+    "WEIGHTS_FILE",
+    "WHOLE",
+    "AdaptedModule",
+    "AdapterModule",
+    "AdapterRecord",
+    "MethodConfig",
+    "Report",
+    "Target",
+    "active_adapter",
+    "adapted_modules",
+    "adapter_names",
+    "adapter_record",
+    "adapter_tensors",
+    "add_adapter",
+    "build_config",
+    "config_to_dict",
+    "delete_adapter",
+    "disabled",
+    "fsdp_units",
+    "fused_parts",
+    "is_conv1d",
+    "layers_of",
+    "load_adapter_tensors",
+    "merge",
+    "method_loss",
+    "name_matches",
+    "no_weight_decay",
+    "on_step",
+    "read_adapter",
+    "report",
+    "select_targets",
+    "set_adapter",
+    "shared_of",
+    "unmerge",
+    "unmerged_adapter",
+    "walk",
+    "weight_and_bias",
+    "write_adapter",
     "DropProbability",
     "FiniteFloat",
     "LenientRank",

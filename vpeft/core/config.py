@@ -18,15 +18,13 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 from annotated_types import Ge, Gt, Le, Lt
 
 from ..errors import OptionError, OptionTypeError
-
-if TYPE_CHECKING:
-    from .targets import Target
+from .modules import Target
 
 C = TypeVar("C", bound="MethodConfig")
 log = logging.getLogger("vpeft")

@@ -18,9 +18,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from .config import MethodConfig, check_ranks
-from .layers import WHOLE, Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
-from .report import Report
-from .targets import SHARED, find_heads, fused_parts, select_targets
+from .layers import Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
+from .modules import WHOLE, fused_parts
+from .report_table import Report
+from .roles import ROLES
+from .targets import SHARED, find_heads, name_matches, select_targets, walk
 
 log = logging.getLogger("vpeft")
 STATE = "_vpeft"
@@ -43,15 +45,52 @@ def state_of(model: nn.Module, required: bool = True) -> PeftState | None:
     return state
 
 
-def unmerged_adapter(model: nn.Module, name: str | None, action: str) -> tuple[str, AdapterRecord]:
-    """Adapter ``name`` (default: the active one) and its record; it must exist and not be merged, for ``action``."""
+def active_adapter(model: nn.Module) -> str:
+    """The name of the adapter that runs and trains."""
+    return state_of(model).switch.active
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters in the order they were added; empty for a model without any."""
+    state = state_of(model, required=False)
+    return list(state.adapters) if state is not None else []
+
+
+def adapter_record(model: nn.Module, name: str | None = None) -> AdapterRecord:
+    """What adapter ``name`` (default: the active one) is: its method, config, targets and heads."""
     state = state_of(model)
     name = name or state.switch.active
     if name not in state.adapters:
         raise KeyError(f"no adapter named {name!r}; the model has {list(state.adapters)}.")
-    if state.merged is not None:
+    return state.adapters[name]
+
+
+def unmerged_adapter(model: nn.Module, name: str | None, action: str) -> tuple[str, AdapterRecord]:
+    """Adapter ``name`` (default: the active one) and its record; it must exist and not be merged, for ``action``."""
+    name = name or active_adapter(model)
+    record = adapter_record(model, name)
+    if state_of(model).merged is not None:
         raise ValueError(f"the adapter is merged into the base weights; vpeft.unmerge(model) before {action} it.")
-    return name, state.adapters[name]
+    return name, record
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One module of the model that an adapter changes, as code outside the core (a file converter) reads it."""
+
+    path: str  # logical module path
+    base: nn.Module  # the model's own module
+    parts: dict[str, AdapterModule]  # WHOLE or a slice (q, k, v, out_proj) -> the adapter's module there
+    slices: dict[str, slice]  # each slice of a fused projection -> its output rows; empty for other modules
+    head: bool  # a task head: ``parts[WHOLE]`` is the adapter's own trained copy of ``base``
+
+
+def adapted_modules(model: nn.Module, name: str) -> Iterator[AdaptedModule]:
+    """Every module adapter ``name`` changes, heads included, in model order."""
+    for path, _, _, wrapper in wrappers(model):
+        if name in wrapper.adapters:
+            parts = dict(wrapper.adapters[name].items())
+            yield AdaptedModule(path, wrapper.base_layer, parts, dict(wrapper.slices), isinstance(wrapper, HeadCopies))
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Adapted]]:
@@ -72,15 +111,11 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Adapted]]:
 
 def layers_of(model: nn.Module, name: str) -> list[AdapterModule]:
     """The adapter modules of adapter ``name``, in model order (heads excluded)."""
-    return [
-        module
-        for _, _, _, w in wrappers(model)
-        if name in w.adapters and not isinstance(w, HeadCopies)
-        for module in w.adapters[name].values()
-    ]
+    return [module for adapted in adapted_modules(model, name) if not adapted.head for module in adapted.parts.values()]
 
 
 def shared_of(model: nn.Module, name: str) -> nn.Module | None:
+    """The tensors adapter ``name`` shares across its targets (FacT's factors), or None."""
     container = model._modules.get(SHARED)
     return container[name] if container is not None and name in container else None
 
@@ -359,15 +394,14 @@ def report(model: nn.Module, name: str | None = None) -> Report:
     record = state.adapters[name]
     rows: list[tuple[str, str, int]] = []
     heads: list[tuple[str, int]] = []
-    for path, _, _, wrapper in wrappers(model):
-        if name not in wrapper.adapters:
-            continue
-        for part, module in wrapper.adapters[name].items():
+    for adapted in adapted_modules(model, name):
+        for part, module in adapted.parts.items():
             count = sum(p.numel() for p in module.parameters())
-            if isinstance(wrapper, HeadCopies):
-                heads.append((path, count))
+            if adapted.head:
+                heads.append((adapted.path, count))
             else:
-                rows.append((path if part == WHOLE else f"{path}[{part}]", type(wrapper.base_layer).__name__, count))
+                key = adapted.path if part == WHOLE else f"{adapted.path}[{part}]"
+                rows.append((key, type(adapted.base).__name__, count))
     shared_count = sum(p.numel() for p in shared.parameters()) if (shared := shared_of(model, name)) else 0
     if shared_count:
         rows.append((SHARED, "shared", shared_count))
@@ -380,3 +414,23 @@ def report(model: nn.Module, name: str | None = None) -> Report:
 
 def _is_adapter_param(name: str) -> bool:
     return ".adapters." in name or name.startswith(SHARED + ".")
+
+
+def fsdp_units(model: nn.Module) -> set[nn.Module]:
+    """The modules to make FSDP units of, so that no unit mixes frozen and trainable tensors.
+
+    Each adapter module, head copy and shared-tensor container becomes a unit of its own (trainable), and so does each
+    transformer block (its remaining tensors are the frozen base); what is left stays in the root unit. Use it as
+    ``FSDP(model, auto_wrap_policy=ModuleWrapPolicy(...))``'s equivalent:
+    ``functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in units)`` with ``units = fsdp_units(model)``,
+    or with ``use_orig_params=True``.
+    """
+    units: set[nn.Module] = set()
+    for _, _, _, wrapper in wrappers(model):
+        for parts in wrapper.adapters.values():
+            units.update(parts.values())
+    shared = model._modules.get(SHARED)
+    if shared is not None:
+        units.update(shared.values())
+    units.update(m for path, m in walk(model) if any(name_matches(path, p) for p in ROLES["block"]))
+    return units

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_write
 from .config import config_to_dict
-from .inject import state_of, unmerged_adapter, wrappers
-from .layers import HeadCopies
+from .inject import adapted_modules, adapter_record, unmerged_adapter
 from .targets import SHARED
 
 CONFIG_FILE = "adapter_config.json"
@@ -30,23 +29,21 @@ FORMAT_VERSION = 1
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The live tensors of adapter ``name`` under their file keys."""
-    state = state_of(model)
     out: dict[str, Tensor] = {}
-    for path, _, _, wrapper in wrappers(model):
-        if name not in wrapper.adapters:
-            continue
-        for part, module in wrapper.adapters[name].items():
-            prefix = path if isinstance(wrapper, HeadCopies) else f"{path}.{part}"
+    for adapted in adapted_modules(model, name):
+        for part, module in adapted.parts.items():
+            prefix = adapted.path if adapted.head else f"{adapted.path}.{part}"
             out.update({f"{prefix}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
     container = model._modules.get(SHARED)
     if container is not None and name in container:
         out.update({f"{SHARED}.{k}": v for k, v in container[name].state_dict(keep_vars=True).items()})
     params = dict(model.named_parameters())
-    out.update({n: params[n] for n in state.adapters[name].trainable_base})
+    out.update({n: params[n] for n in adapter_record(model, name).trainable_base})
     return out
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str | None, version: str) -> Path:
+def write_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None, version: str) -> Path:
+    """Write adapter ``name`` (default: the active one) as ``adapter_config.json`` + ``adapter_model.safetensors``."""
     name, record = unmerged_adapter(model, name, "saving")
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model, name).items()}
     meta = {
@@ -69,7 +66,7 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None, versi
     return directory
 
 
-def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The saved config and tensors of an adapter directory, checked for format."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
@@ -90,7 +87,7 @@ def read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor
     return meta, load_file(str(directory / WEIGHTS_FILE))
 
 
-def load_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], source: str) -> None:
+def load_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], source: str) -> None:
     """Copy ``tensors`` into adapter ``name``; every key and shape must match, or nothing is copied."""
     live = adapter_tensors(model, name)
     missing = sorted(set(live) - set(tensors))

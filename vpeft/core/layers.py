@@ -19,19 +19,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MethodConfig
-
-if TYPE_CHECKING:
-    from .targets import Target
-
-WHOLE = "all"  # part name of an adapter that covers a whole module rather than one slice
-
+from .modules import WHOLE, Target, weight_and_bias
 
 @dataclass
 class Switch:
@@ -64,6 +59,11 @@ class AdapterModule(nn.Module):
     needs_targets: ClassVar[bool] = True  # False for methods that only train the head or base tensors
     needs_calibration: ClassVar[bool] = False  # prepare() needs data batches
     no_weight_decay: ClassVar[tuple[str, ...]] = ()  # own parameter names kept out of weight decay (prompt tokens)
+    # The LoRA family: "lora" when each module is a low-rank update y + scale * B A dropout(x) held as ``lora_A``
+    # (r, in[, kh, kw]), ``lora_B`` (out, r), ``scale`` and ``dropout``; "dora" when it is DoRA's decomposition of one
+    # (plus ``magnitude``). Converters to LoRA file formats (vpeft.interop) export what declares a variant, so a
+    # subclass of LoRA exports as LoRA unless its math differs, in which case it declares its own variant or None.
+    lora_variant: ClassVar[str | None] = None
 
     def __init__(self, target: Target, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()
@@ -293,20 +293,6 @@ class HeadCopies(Adapted):
         parts = self.active_parts()
         head = parts[WHOLE] if parts is not None else self.base_layer
         return head(x, *args, **kwargs)
-
-
-def weight_and_bias(module: nn.Module, rows: slice | None = None) -> tuple[Tensor, Tensor | None]:
-    """Views of ``module``'s weight in ``(out, in, ...)`` layout and its bias, limited to output ``rows`` if given."""
-    weight = module.weight.T if _is_conv1d(module) else module.weight  # HF Conv1D stores (in, out)
-    bias = module.bias
-    if rows is not None:
-        weight, bias = weight[rows], (bias[rows] if bias is not None else None)
-    return weight, bias
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face ``Conv1D`` (GPT-2): a Linear with its weight stored transposed; matched by duck type."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 @dataclass

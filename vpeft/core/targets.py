@@ -11,101 +11,16 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from .config import MethodConfig
-from .layers import WHOLE, Adapted, AdapterModule, _is_conv1d, weight_and_bias
+from .layers import Adapted, AdapterModule
+from .modules import WHOLE, Target, fused_parts, kind_of
 from .roles import ROLES
 
 SHARED = "vpeft_shared"  # root attribute holding tensors shared by all targets of an adapter
 _SLICE = re.compile(r"^(?P<pattern>.+)\[(?P<parts>[\w\s,]+)\]$")
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
-
-
-@dataclass
-class Target:
-    """One place an adapter attaches: a module, or one slice of a fused projection."""
-
-    name: str  # logical module path
-    module: nn.Module  # the base module (never a wrapper)
-    part: str  # WHOLE, or q / k / v / out_proj
-    kind: str  # linear | conv2d | norm | mha | module
-    index: int | None  # block index (first integer in the path)
-    position: int = 0  # order among this adapter's targets
-    count: int = 1  # number of targets of this adapter
-
-    @property
-    def key(self) -> str:
-        return self.name if self.part == WHOLE else f"{self.name}[{self.part}]"
-
-    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
-        """Views of the base weight in ``(out, in, ...)`` layout (HF Conv1D transposed) and bias, sliced to the part."""
-        return weight_and_bias(self.module, fused_parts(self.module)[self.part] if self.part != WHOLE else None)
-
-    @property
-    def in_features(self) -> int:
-        """Input width; for a sub-block (timm ``Mlp``, ``Attention``, ``Block``) the input of its first Linear."""
-        m = self.module
-        if isinstance(m, nn.MultiheadAttention):
-            return m.embed_dim
-        if _is_conv1d(m):
-            return m.weight.shape[0]
-        return getattr(m, "in_features", None) or getattr(m, "in_channels", None) or _width(m, first=True)
-
-    @property
-    def out_features(self) -> int:
-        """Output width (of the slice, for a fused projection); for a sub-block the output of its last Linear."""
-        m = self.module
-        if isinstance(m, nn.MultiheadAttention):
-            return m.embed_dim
-        full = m.nf if _is_conv1d(m) else getattr(m, "out_features", None) or getattr(m, "out_channels", None)
-        full = full or _width(m, first=False)
-        return full if self.part == WHOLE else full // 3
-
-
-def _width(module: nn.Module, first: bool) -> int:
-    shape = getattr(module, "normalized_shape", None) or getattr(module, "num_features", None)
-    if shape is not None:
-        return int(shape[-1]) if isinstance(shape, (tuple, list)) else int(shape)
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
-    if not linears:
-        raise ValueError(
-            f"cannot tell the width of {type(module).__name__}: it is no Linear, norm or conv and holds no Linear."
-        )
-    layer = linears[0] if first else linears[-1]
-    if _is_conv1d(layer):
-        return layer.weight.shape[0] if first else layer.nf
-    return layer.in_features if first else layer.out_features
-
-
-def kind_of(module: nn.Module) -> str:
-    if isinstance(module, nn.MultiheadAttention):
-        return "mha"
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, _NORMS):
-        return "norm"
-    return "module"
-
-
-def fused_parts(module: nn.Module) -> dict[str, slice]:
-    """Output columns of q, k and v for a fused projection; empty when the module is not one."""
-    if isinstance(module, nn.MultiheadAttention):
-        if not module._qkv_same_embed_dim:
-            return {}
-        d = module.embed_dim
-        return {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d), "out_proj": slice(0, d)}
-    out = (
-        module.nf if _is_conv1d(module) else getattr(module, "out_features", 0) if isinstance(module, nn.Linear) else 0
-    )
-    if out == 0 or out % 3:
-        return {}
-    d = out // 3
-    return {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d)}
 
 
 def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -19,13 +19,12 @@ import numpy as np
 from PIL import Image
 
 from vpeft.data.common import ImageDataset, gray_to_rgb
+from vpeft.deps import require
 
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "offline", "the digits dataset").load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     images.setflags(write=False)
     return images, bunch.target.astype(np.int64)
@@ -39,8 +38,7 @@ def digits_split_indices(seed: int = 0, val_fraction: float = 0.2, test_fraction
         val_fraction: Share of all images that goes to ``val``.
         test_fraction: Share of all images that goes to ``test``.
     """
-    from sklearn.model_selection import train_test_split
-
+    train_test_split = require("sklearn.model_selection", "offline", "the digits splits").train_test_split
     _, labels = _digits()
     total = len(labels)
     n_test, n_val = round(total * test_fraction), round(total * val_fraction)

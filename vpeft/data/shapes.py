@@ -27,8 +27,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
-from skimage.draw import disk, polygon
+
+from ..deps import require
+
+mask_utils = require("pycocotools.mask", "shapes", "the shapes scenes' COCO masks")
+_draw = require("skimage.draw", "shapes", "drawing the shapes scenes")
+disk, polygon = _draw.disk, _draw.polygon
 
 CLASSES = ("circle", "square", "triangle")  # class ids 1..3; 0 is background
 MANIFEST = "shapes.json"

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import io
+from ..core import active_adapter, adapter_tensors, load_adapter_tensors
 from ..files import atomic_write
-from ..core.inject import state_of
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -29,9 +28,9 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     counters: dict[str, Any],
 ) -> None:
-    name = state_of(model).switch.active
+    name = active_adapter(model)
     state = {
-        "trainable": {k: v.detach().cpu().clone() for k, v in io.adapter_tensors(model, name).items()},
+        "trainable": {k: v.detach().cpu().clone() for k, v in adapter_tensors(model, name).items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -52,7 +51,7 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run has no checkpoint to resume from.")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    io.load_tensors(model, state_of(model).switch.active, state["trainable"], str(path))
+    load_adapter_tensors(model, active_adapter(model), state["trainable"], str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:

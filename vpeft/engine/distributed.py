@@ -69,27 +69,3 @@ def _single_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'.")
     return device
-
-
-def fsdp_units(model: nn.Module) -> set[nn.Module]:
-    """The modules to make FSDP units of, so that no unit mixes frozen and trainable tensors.
-
-    Each adapter module, head copy and shared-tensor container becomes a unit of its own (trainable), and so does each
-    transformer block (its remaining tensors are the frozen base); what is left stays in the root unit. Use it as
-    ``FSDP(model, auto_wrap_policy=ModuleWrapPolicy(...))``'s equivalent:
-    ``functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in units)`` with ``units = fsdp_units(model)``,
-    or with ``use_orig_params=True``.
-    """
-    from ..core.inject import wrappers
-    from ..core.roles import ROLES
-    from ..core.targets import SHARED, name_matches, walk
-
-    units: set[nn.Module] = set()
-    for _, _, _, wrapper in wrappers(model):
-        for parts in wrapper.adapters.values():
-            units.update(parts.values())
-    shared = model._modules.get(SHARED)
-    if shared is not None:
-        units.update(shared.values())
-    units.update(m for path, m in walk(model) if any(name_matches(path, p) for p in ROLES["block"]))
-    return units

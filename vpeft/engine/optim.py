@@ -11,11 +11,11 @@ import math
 import torch
 from torch import nn
 
-from ..core import inject
+from ..core import no_weight_decay
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    keep_out = inject.no_weight_decay(model)
+    keep_out = no_weight_decay(model)
     base_tokens = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():

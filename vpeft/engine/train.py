@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 import vpeft
 
-from ..core import io
 from ..files import atomic_write
 from ..data import build_loader
 from ..tasks import Task, build_task

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..deps import require
+
 log = logging.getLogger("vpeft")
 PROMPTS = ("box", "points", "box+points", "none")
 ABSENT = -1.0e4  # logit of a class with no prompt (absent from the label)
@@ -104,8 +106,7 @@ def masks_to_prompts(
 
 def _neck(in_channels: int, out_channels: int) -> nn.Module:
     """SAM's neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (bias-free convs)."""
-    from segment_anything.modeling.common import LayerNorm2d
-
+    LayerNorm2d = require("segment_anything.modeling.common", "sam", "SAM's neck").LayerNorm2d
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 1, bias=False),
         LayerNorm2d(out_channels),
@@ -124,8 +125,7 @@ class SamPrompts(nn.Module):
 
     def __init__(self, embed_dim: int, grid: tuple[int, int], image_size: tuple[int, int], prompt: str = "box"):
         super().__init__()
-        from segment_anything.modeling import PromptEncoder
-
+        PromptEncoder = require("segment_anything.modeling", "sam", "SAM's prompt encoder").PromptEncoder
         if prompt not in PROMPTS:
             raise ValueError(f"model.head.prompt must be one of {PROMPTS}, got {prompt!r}.")
         self.prompt = prompt
@@ -177,8 +177,8 @@ class SamHead(nn.Module):
         sam_neck: bool = True,
     ):
         super().__init__()
-        from segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
+        modeling = require("segment_anything.modeling", "sam", "SAM's mask decoder")
+        MaskDecoder, TwoWayTransformer = modeling.MaskDecoder, modeling.TwoWayTransformer
         if prompt not in PROMPTS:
             raise ValueError(f"model.head.prompt must be one of {PROMPTS}, got {prompt!r}.")
         if num_classes < 2:

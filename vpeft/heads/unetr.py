@@ -17,8 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
+
+from ..deps import require
+
+_blocks = require("monai.networks.blocks", "medical", "the UNETR head")
+UnetOutBlock, UnetrBasicBlock = _blocks.UnetOutBlock, _blocks.UnetrBasicBlock
+UnetrPrUpBlock, UnetrUpBlock = _blocks.UnetrPrUpBlock, _blocks.UnetrUpBlock
 
 
 class UnetrDecoder(nn.Module):

@@ -31,20 +31,15 @@ from typing import Any
 
 from torch import Tensor
 
-try:
-    from mmengine.model import BaseModule
-    from mmengine.registry import Registry
-    from mmseg.registry import MODELS
-except ImportError as err:  # mmseg or mmengine missing
-    raise ImportError(
-        f"vpeft.integrations.mmseg needs mmsegmentation and mmengine ({err}); install them with "
-        "`pip install 'vpeft[mmseg]'` (mmsegmentation, mmengine and mmcv-lite)."
-    ) from err
-
 import vpeft
 
 from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
+from ..deps import require
+
+BaseModule = require("mmengine.model", "mmseg", "vpeft.integrations.mmseg").BaseModule
+Registry = require("mmengine.registry", "mmseg", "vpeft.integrations.mmseg").Registry
+MODELS = require("mmseg.registry", "mmseg", "vpeft.integrations.mmseg").MODELS
 
 NAME = "vpeft.Backbone"
 

@@ -56,14 +56,31 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
-from ..core.config import config_to_dict
-from ..core.inject import state_of, unmerged_adapter, wrappers
-from ..core.io import CONFIG_FILE, WEIGHTS_FILE
+from ..core import (
+    CONFIG_FILE,
+    ROLES,
+    WEIGHTS_FILE,
+    WHOLE,
+    AdaptedModule,
+    Report,
+    adapted_modules,
+    adapter_names,
+    adapter_record,
+    add_adapter,
+    build_config,
+    config_to_dict,
+    delete_adapter,
+    is_conv1d,
+    load_adapter_tensors,
+    report,
+    unmerged_adapter,
+    walk,
+    weight_and_bias,
+)
 from ..files import atomic_write
-from ..core.layers import WHOLE, AdaptedMHA, HeadCopies, _is_conv1d
-from ..core.report import Report
-from ..core.roles import ROLES
-from ..core.targets import walk
+from ..methods import METHODS
+from ..registry import lookup
+from ..version import __version__
 
 log = logging.getLogger("vpeft")
 
@@ -71,7 +88,8 @@ SIDECAR_FILE = "vpeft_export.json"
 SIDECAR_FORMAT = "vpeft.hf_peft_export"
 SIDECAR_VERSION = 1
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
-LORA_FAMILY = ("lora", "dora")  # vpeft methods with HF PEFT counterparts (DoRA: LoRA with use_dora)
+# what each LoRA variant (AdapterModule.lora_variant) is in a Hugging Face PEFT LoRA config
+PEFT_FLAGS = {"lora": {"use_dora": False}, "dora": {"use_dora": True}}
 PART_ORDER = (WHOLE, "q", "k", "v")
 _MAGNITUDE_KEY = "magnitude"  # the DoRA magnitude parameter of vpeft's dora method
 
@@ -88,15 +106,14 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     LoRA family exports (``lora``, and ``dora`` as ``use_dora``); slices of fused projections become exact
     block-structured whole-module LoRAs (see the module docstring).
     """
-    from ..api import __version__
-
     name, record = unmerged_adapter(model, adapter_name, "exporting")
-    if record.method not in LORA_FAMILY:
+    flags = PEFT_FLAGS.get(record.method_cls.lora_variant)
+    if flags is None:
         raise ValueError(
             f"cannot export adapter {name!r} (method {record.method!r}) to Hugging Face PEFT: only the LoRA family "
-            f"({', '.join(LORA_FAMILY)}) has a PEFT LoRA counterpart; save it with vpeft.save_adapter instead."
+            f"({', '.join(_lora_family())}) has a PEFT LoRA counterpart; save it with vpeft.save_adapter instead."
         )
-    use_dora = record.method == "dora"
+    use_dora = flags["use_dora"]
     modules = dict(walk(model))
 
     tensors: dict[str, Tensor] = {}
@@ -105,15 +122,14 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     alphas: dict[str, float] = {}
     dropouts: set[float] = set()
     head_paths: list[str] = []
-    for path, _, _, wrapper in wrappers(model):
-        if name not in wrapper.adapters:
-            continue
-        if isinstance(wrapper, HeadCopies):
+    for adapted in adapted_modules(model, name):
+        path = adapted.path
+        if adapted.head:
             head_paths.append(path)
-            for k, v in wrapper.adapters[name][WHOLE].state_dict().items():
+            for k, v in adapted.parts[WHOLE].state_dict().items():
                 tensors[f"{PREFIX}{path}.{k}"] = v.detach().cpu().contiguous()
             continue
-        hf, info, scale, p = _export_module(path, wrapper, name, use_dora)
+        hf, info, scale, p = _export_module(adapted, use_dora)
         tensors.update({f"{PREFIX}{path}.{k}": v for k, v in hf.items()})
         layout[path] = info
         ranks[path] = info["rank"]
@@ -143,7 +159,7 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
         "alpha_pattern": {_pattern_key(p, modules): _clean(a) for p, a in alphas.items() if _clean(a) != alpha},
         "bias": "none",
         "lora_bias": False,
-        "fan_in_fan_out": all(_is_conv1d(modules[p]) for p in ranks),
+        "fan_in_fan_out": all(is_conv1d(modules[p]) for p in ranks),
         "use_rslora": False,
         "use_dora": use_dora,
         "init_lora_weights": True,
@@ -171,12 +187,15 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     return directory
 
 
-def _export_module(
-    path: str, wrapper: nn.Module, name: str, use_dora: bool
-) -> tuple[dict[str, Tensor], dict[str, Any], float, float]:
-    """HF tensors (``lora_A.weight``...), the sidecar layout, the scale and the dropout of one wrapped module."""
-    base = wrapper.base_layer
-    if isinstance(wrapper, AdaptedMHA) or isinstance(base, nn.MultiheadAttention):
+def _lora_family() -> list[str]:
+    """The registered methods that export: those whose class declares a LoRA variant Hugging Face PEFT has."""
+    return [name for name, cls in METHODS.items() if cls.lora_variant in PEFT_FLAGS]
+
+
+def _export_module(adapted: AdaptedModule, use_dora: bool) -> tuple[dict[str, Tensor], dict[str, Any], float, float]:
+    """HF tensors (``lora_A.weight``...), the sidecar layout, the scale and the dropout of one adapted module."""
+    path, base = adapted.path, adapted.base
+    if isinstance(base, nn.MultiheadAttention):
         raise ValueError(
             f"cannot export LoRA on nn.MultiheadAttention {path!r} to Hugging Face PEFT: PEFT adapts an MHA's in- "
             "and out-projections together with its own layout. Exportable targets are nn.Linear, HF Conv1D and "
@@ -188,16 +207,16 @@ def _export_module(
             f"cannot export LoRA on Conv2d {path!r} (groups={base.groups}, dilation={base.dilation}): "
             "Hugging Face PEFT's conv LoRA has no dilation; dilation 1, groups 1 export."
         )
-    if not (conv or isinstance(base, nn.Linear) or _is_conv1d(base)):
+    if not (conv or isinstance(base, nn.Linear) or is_conv1d(base)):
         raise ValueError(
             f"cannot export LoRA on {type(base).__name__} {path!r}: exportable targets are nn.Linear, "
             "HF Conv1D and nn.Conv2d."
         )
-    parts = wrapper.adapters[name]
+    parts = adapted.parts
     unknown = [p for p in parts if p not in PART_ORDER]
     if unknown:
         raise ValueError(f"cannot export part {unknown[0]!r} of {path!r} to Hugging Face PEFT.")
-    weight, _ = wrapper.weight_views(WHOLE)  # (out, in, ...)
+    weight, _ = weight_and_bias(base)  # (out, in, ...)
     out_full = weight.shape[0]
     a_list, b_list, info_parts = [], [], []
     scales, dropouts = set(), set()
@@ -208,7 +227,7 @@ def _export_module(
         a, b = module.lora_A.detach(), module.lora_B.detach()
         b = b.reshape(b.shape[0], -1)  # conv B may be stored (out, r) or (out, r, 1, 1)
         rank = a.shape[0]
-        rows = slice(0, out_full) if part == WHOLE else wrapper.slices[part]
+        rows = slice(0, out_full) if part == WHOLE else adapted.slices[part]
         full_b = torch.zeros(out_full, rank, dtype=b.dtype, device=b.device)
         full_b[rows] = b
         a_list.append(a)
@@ -287,11 +306,10 @@ def import_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     error the model is left unchanged.
     """
     directory = Path(directory)
-    state = state_of(model, required=False)
-    if state is not None and adapter_name in state.adapters:
+    if adapter_name in adapter_names(model):
         raise ValueError(
             f"the model already has an adapter named {adapter_name!r} "
-            f"({state.adapters[adapter_name].method}); pass another adapter_name= or remove it with "
+            f"({adapter_record(model, adapter_name).method}); pass another adapter_name= or remove it with "
             "vpeft.delete_adapter(model, name)."
         )
     config, tensors = _read(directory)
@@ -361,9 +379,6 @@ def _import_sidecar(
     sidecar: dict[str, Any],
 ) -> Report:
     """Rebuild the exported vpeft adapter (its method, options, sliced targets) and split the tensors back."""
-    from ..api import apply_method, delete_adapter
-    from ..methods import METHODS
-
     method = sidecar["method"]
     if method not in METHODS:
         raise ValueError(f"{directory} was exported from a vpeft {method!r} adapter, a method this vpeft lacks.")
@@ -392,8 +407,8 @@ def _import_sidecar(
     options = dict(sidecar["options"])
     record_ok = False
     try:  # the original options first, so that the rebuilt adapter is configured as the exported one
-        apply_method(model, method, adapter_name=adapter_name, **options)
-        record = state_of(model).adapters[adapter_name]
+        _add(model, method, adapter_name, options)
+        record = adapter_record(model, adapter_name)
         record_ok = record.targets == sidecar["targets"] and record.heads == heads
         if not record_ok:
             delete_adapter(model, adapter_name)
@@ -409,7 +424,7 @@ def _import_sidecar(
             target_types=[],
         )
         try:
-            apply_method(model, method, adapter_name=adapter_name, **explicit)
+            _add(model, method, adapter_name, explicit)
         except ValueError as err:
             raise ValueError(f"cannot import the adapter in {directory}: {err}") from None
     return _fill(model, adapter_name, converted, directory)
@@ -419,9 +434,6 @@ def _import_whole(
     model: nn.Module, directory: Path, adapter_name: str, config: dict[str, Any], tensors: dict[str, Tensor]
 ) -> Report:
     """A whole-module vpeft LoRA on every module with saved ``lora_A``/``lora_B``, plus the saved head."""
-    from ..api import apply_method
-    from ..methods import METHODS
-
     unsupported = {
         "lora_bias": "a bias on lora_B",
         "use_qalora": "QA-LoRA",
@@ -516,19 +528,22 @@ def _import_whole(
         "head": [_exact(h, modules) for h in heads],
     }
     try:
-        apply_method(model, method, adapter_name=adapter_name, **options)
+        _add(model, method, adapter_name, options)
     except ValueError as err:
         raise ValueError(f"cannot import the adapter in {directory}: {err}") from None
     return _fill(model, adapter_name, converted, directory)
 
 
+def _add(model: nn.Module, method: str, adapter_name: str, options: dict[str, Any]) -> None:
+    """Build registered method ``method`` with ``options`` on ``model`` through the core, as vpeft.apply_method does."""
+    cls = lookup(METHODS, method, "method")
+    add_adapter(model, cls, method, build_config(cls.Config, options, method), adapter_name)
+
+
 def _fill(model: nn.Module, adapter_name: str, converted: dict[str, Tensor], directory: Path) -> Report:
     """Copy the converted tensors into the freshly built adapter; on a mismatch remove it again."""
-    from ..api import delete_adapter, report
-    from ..core.io import load_tensors
-
     try:
-        load_tensors(model, adapter_name, converted, str(directory))
+        load_adapter_tensors(model, adapter_name, converted, str(directory))
     except Exception:
         delete_adapter(model, adapter_name)
         raise

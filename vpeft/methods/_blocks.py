@@ -2,8 +2,9 @@
 
 Dropout. On the CPU ``nn.Dropout`` draws its mask with ``bernoulli_`` into a float tensor and keeps that 4-byte
 tensor for the backward pass; :class:`Dropout` draws it with ``torch.rand(...) >= p`` (the same distribution) and keeps
-one byte per element: 8.1 ms -> 2.6 ms for a ViT-B/16 batch-8 LoRA input on this project's 2-core CPU, and 43 MB
-less saved over a LoRA step. On CUDA torch's fused kernel already keeps a 1-byte mask, so it is used as is.
+one byte per element, which is faster to draw and saves a quarter of the memory (timings and the saving over a LoRA
+step: ``V-PEFT-Bench/perf/results/cpu.md``). On CUDA torch's fused kernel already keeps a 1-byte mask, so it is used
+as is.
 
 Residual taps. AdaptFormer and DVPT run parallel to a whole ``x + mlp(norm2(x))`` sub-block, so their adapter must
 read ``x``, the input of ``norm2``, while it adds to the output of ``mlp``. A wrapper only sees its own module's input,

@@ -9,16 +9,14 @@ pretrained weights that vpeft adapts (never before a checkpoint load).
   then ``S = sqrt(eigenvalues)`` and ``U = W V / S``, all in float64, rounded to float32 at the end. With float64
   the Gram squaring costs no accuracy that a float32 SVD has: singular values carry an error of about
   ``1e-16 S_1^2 / S_i``, below float32's ``6e-8 S_1`` for every ``S_i`` above ``1e-9 S_1``, so the minor components
-  (SoMA) are exact to float32 rounding. MKL's ``gesdd`` was slower than this on the shared 2-core CPU
-  (``V-PEFT-Bench/perf/svd_speed.py``). The CPU work runs on one thread (the previous count is restored): with two
-  OpenMP threads on a busy 2-core machine single ``eigh``/``svd`` calls stalled for 10-16 s, while one thread takes
-  0.1-0.2 s per 768 x 768 weight. When a singular value is too small for ``W v_i / S_i`` to be trusted (a
-  rank-deficient weight) it falls back to ``torch.linalg.svd``.
+  (SoMA) are exact to float32 rounding. It runs on one thread (the previous count is restored): on a busy machine
+  two OpenMP threads made single ``eigh``/``svd`` calls stall, and this path was faster than MKL's ``gesdd``. When a
+  singular value is too small for ``W v_i / S_i`` to be trusted (a rank-deficient weight) it falls back to
+  ``torch.linalg.svd``.
 
 ``torch.svd_lowrank`` (randomised, top-q only) is faster still but approximate and cannot give minor components;
-the methods here use exact factors because SALT and Comp-LoRA build their updates on them. Measured for all 72
-ViT-B/16 matrices on the shared 2-core CPU (load 2.8): this helper 9.9 s, ``torch.linalg.svd`` at torch's default two
-threads 117 s, ``torch.svd_lowrank(q=16)`` 1.0 s.
+the methods here use exact factors because SALT and Comp-LoRA build their updates on them. Timings of the three
+(``V-PEFT-Bench/perf/svd_speed.py --compare``) are in ``V-PEFT-Bench/perf/results/cpu.md``.
 """
 
 from __future__ import annotations

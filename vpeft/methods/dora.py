@@ -40,6 +40,7 @@ class DoRAConfig(LoRAConfig):
 
 class DoRA(LoRA):
     Config = DoRAConfig
+    lora_variant = "dora"
     wraps = ("linear",)
     mergeable = True
 

@@ -38,6 +38,7 @@ class LoRAConfig(MethodConfig):
 
 class LoRA(AdapterModule):
     Config = LoRAConfig
+    lora_variant = "lora"
     wraps = ("linear", "conv2d", "mha")
     mergeable = True
 

@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..core import (
+    ROLES,
     AdapterModule,
     DropProbability,
     MethodConfig,
@@ -65,12 +66,13 @@ from ..core import (
     PositiveInt,
     Rank,
     Target,
+    fused_parts,
+    name_matches,
 )
 from ..errors import OptionError
 from ..files import atomic_write
-from ..core.roles import ROLES
-from ..core.targets import fused_parts, name_matches
 from ._blocks import dropout
+from ._registry import METHODS
 
 KINDS = ("none", "structured", "sparse", "full")
 # target key, weight kind, weight count, bias kind, bias count
@@ -111,8 +113,6 @@ class SPTAdapterConfig(SPTLoRAConfig):
 def structured_class(name: str, method: str = "spt") -> type:
     if name == "adapter":
         return _SeqAdapter
-    from . import METHODS  # lazy: the registry imports this file
-
     cls = METHODS.get(name)
     if (
         cls is None

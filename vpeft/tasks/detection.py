@@ -24,13 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.detection import MeanAveragePrecision
 
 from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
 from ..data.coco import build_detection_dataset, collate
+from ..deps import require
 from ..heads.detection import DetectionModel
 from .base import Reduce, Task
+
+MeanAveragePrecision = require("torchmetrics.detection", "det", "the detection task's COCO mAP").MeanAveragePrecision
 
 Record = tuple[int, dict[str, Tensor], dict[str, Tensor]]  # (dataset index, prediction, ground truth)
 _PRED = ("boxes", 4), ("scores", 1), ("labels", 1)

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbones import build_backbone
+from ..deps import require
 from ..heads.sam import SamHead, SamPrompts, load_sam_decoder, masks_to_prompts
 from ..heads.segmentation import LinearHead, default_indices
 from ..heads.unetr import UnetrDecoder
@@ -47,6 +47,9 @@ from ..medical.slices import CaseDataset, PatchDataset, SliceDataset, predict_pa
 from ..medical.synthetic import write_synthetic
 from ..medical.volumes import datalist_classes, load_volumes, read_datalist
 from .base import Reduce, Task
+
+_losses = require("monai.losses", "medical", "the medical segmentation losses")
+DiceCELoss, DiceFocalLoss, DiceLoss = _losses.DiceCELoss, _losses.DiceFocalLoss, _losses.DiceLoss
 
 log = logging.getLogger("vpeft")
 

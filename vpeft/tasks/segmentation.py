@@ -28,15 +28,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.losses import MaskedDiceLoss
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
 from ..data.segmentation import IGNORE_INDEX, build_seg_dataset, build_seg_transform, collate_pairs
+from ..deps import require
 from ..heads.segmentation import build_segmentation_model
 from .base import Reduce, Task
+
+MaskedDiceLoss = require("monai.losses", "seg", "the segmentation task's Dice loss").MaskedDiceLoss
 
 TRANSFORM_OPTIONS = ("scale", "ratio", "eval_short_side")
 
