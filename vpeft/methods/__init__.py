@@ -1,4 +1,8 @@
-"""The method registry: one line per method. Tests and tools pick every entry up from here."""
+"""The method registry: one line per method. Tests and tools pick every entry up from here.
+
+``FAMILIES`` groups the registered names as the README's method table does (``python -m vpeft methods`` prints it);
+a name registered by a third party (``METHODS["mine"] = Mine``) is listed apart by that command.
+"""
 
 from ..core import AdapterModule  # noqa: I001 (one import line per engineer, appended)
 from . import dvpt, earth_adapter
@@ -29,4 +33,11 @@ METHODS: dict[str, type[AdapterModule]] = {
     "soma": soma.SoMA,
     "salt": salt.SALT,
     "comp_lora": comp_lora.CompLoRA,
+}
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "reference points": ("full", "linear"),
+    "VTAB-1k leaderboard baselines": ("bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
+                                      "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
+    "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
 }
