@@ -59,8 +59,8 @@ def train(
     ``resume`` continues the run in ``run_dir``; a ``cfg`` that differs from the run's ``config.yaml`` needs
     ``force``, which then writes ``cfg`` (and ``origin``) into the run. A finished run (``summary.json`` present)
     resumed with its own config is left as it is and its summary returned. ``origin`` (``{"config": path, "set":
-    [overrides]}``) is stored as ``origin.json`` beside the config, so :func:`resume_config` can tell the first call's
-    overrides from a change.
+    [overrides]}``, None where not known) is stored as ``origin.json`` beside the config, so :func:`resume_config`
+    can tell the first call's overrides from a change.
     """
     run_dir = Path(run_dir)
     dist = distributed.setup(cfg.train.device)
@@ -73,17 +73,10 @@ def train(
     dist.barrier()
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume or changed:
-            dump_config(cfg, run_dir / CONFIG)
-            if origin is not None:
-                _write_json(run_dir / ORIGIN, origin)
     device = dist.device
     start = time.perf_counter()
 
     task, model, datasets = build_run(cfg)
-    classes = getattr(datasets["train"], "classes", None)
-    if dist.main and classes is not None and not (run_dir / CLASSES).is_file():
-        _write_json(run_dir / CLASSES, [str(c) for c in classes])
     model.to(device)  # first: adapters are made beside their base tensors, and calibration runs on the device
     calibration = _calibration_batches(cfg, task, datasets["train"], device) if _needs_calibration(cfg) else None
     report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **cfg.method.options)
@@ -107,6 +100,13 @@ def train(
         if dist.main:
             metrics.truncate_after(counters["step"])
         log.info("vpeft: resumed %s at epoch %d, step %d", run_dir, counters["epoch"], counters["step"])
+    if dist.main:  # written once the run is built: a run that fails to build leaves its directory empty
+        if not resume or changed:
+            dump_config(cfg, run_dir / CONFIG)
+            _write_json(run_dir / ORIGIN, origin or {"config": None, "set": None})  # None: not known
+        classes = getattr(datasets["train"], "classes", None)
+        if classes is not None and not (run_dir / CLASSES).is_file():
+            _write_json(run_dir / CLASSES, [str(c) for c in classes])
     reset_peak_memory(device)
 
     checked = False
@@ -175,7 +175,6 @@ def train(
         if dist.main:
             lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - tic
             log.info("%s", epoch_line(epoch + 1, cfg.train.epochs, epoch_losses, task.metric, val, lr, seconds))
-        if dist.main:
             save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
             vpeft.save_adapter(model, run_dir / "adapter")
             task.export(run_dir / "adapter")
@@ -236,7 +235,7 @@ def resume_config(
     if not (run_dir / CONFIG).is_file():
         raise MissingFileError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
     earlier = json.loads((run_dir / ORIGIN).read_text()) if (run_dir / ORIGIN).is_file() else {}
-    sets = [*earlier.get("set", []), *overrides]
+    sets = [*(earlier.get("set") or []), *overrides]
     if config is None:  # the saved config already holds the first call's overrides
         return load_config(run_dir / CONFIG, list(overrides)), {"config": earlier.get("config"), "set": sets}
     return load_config(config, sets), {"config": str(config), "set": sets}
