@@ -350,3 +350,10 @@ def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", screen)
     engine.train(config(tmp_path, "train.epochs=1", "data.val_split=null"), tmp_path / "run")
     assert "\r" in screen.getvalue() and "epoch 1/1" in screen.getvalue() and "loss=" in screen.getvalue()
+
+
+def test_a_run_that_fails_to_build_leaves_its_directory_empty(tmp_path):
+    bad = config(tmp_path, "data.name=folder", f"data.root={tmp_path / 'absent'}")
+    with pytest.raises(FileNotFoundError):
+        engine.train(bad, tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []  # so the corrected command runs in it without --resume
