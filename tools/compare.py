@@ -1,6 +1,9 @@
-"""Print finished runs side by side: method, trainable parameters, test accuracy, wall time.
+"""Print finished runs side by side: task, method, trainable parameters, the task's headline test metric, wall time.
 
 python tools/compare.py runs/quickstart/lora runs/quickstart/linear
+
+The headline metric is the one the run's task names (``summary.json`` key ``metric``): classification ``top1``,
+segmentation ``mIoU``, detection ``map`` (percent), medical segmentation ``dice`` (0 to 1).
 """
 
 from __future__ import annotations
@@ -9,22 +12,31 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def headline(summary: dict[str, Any]) -> tuple[str, float]:
+    """The run's headline metric and its test value (summaries from before tasks, all classification, lack
+    ``metric``)."""
+    metric = summary.get("metric", "top1")
+    return metric, summary["test"][metric]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    print(f"{'run':<28} {'method':<12} {'trainable':>10} {'+head':>10} {'test top-1':>11} {'wall s':>8}")
+    print(f"{'run':<28} {'task':<20} {'method':<12} {'trainable':>10} {'+head':>10} {'test metric':>16} {'wall s':>8}")
     for run in args.runs:
         path = run / "summary.json"
         if not path.is_file():
             print(f"{str(run):<28} no summary.json (the run did not finish)")
             continue
         s = json.loads(path.read_text())
+        metric, value = headline(s)
         print(
-            f"{str(run):<28} {s['method']:<12} {s['trainable_params']:>10,} {s['trainable_params_with_head']:>10,} "
-            f"{s['test']['top1']:>10.2f}% {s['wall_seconds']:>8.1f}"
+            f"{str(run):<28} {s.get('task', 'classification'):<20} {s['method']:<12} {s['trainable_params']:>10,} "
+            f"{s['trainable_params_with_head']:>10,} {f'{metric} {value:.4g}':>16} {s['wall_seconds']:>8.1f}"
         )
     return 0
 

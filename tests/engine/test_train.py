@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import pickle
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ import torch
 import vpeft
 from vpeft.backbones.checkpoint import load_pretrained, read_state_dict
 from vpeft.engine import train as engine
-from vpeft.engine.config import load_config
+from vpeft.engine.config import config_diff, load_config
 from vpeft.engine.optim import cosine_with_warmup, param_groups
 from vpeft.tasks.classification import build_model
 
@@ -245,3 +250,110 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
         assert x.get("loss") == pytest.approx(y.get("loss"), rel=1e-4, abs=1e-6)
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_uses_the_run_config_and_a_finished_run_is_left_as_it_is(tmp_path, monkeypatch, caplog):
+    import tools.train as train_tool
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    sets = ["--set", "optim.lr=5e-3", "method.r=4"]
+    train_tool.main([str(path), *sets, "--work-dir", str(tmp_path / "whole")])
+
+    real_loader = engine._loader
+
+    def dying_loader(cfg, task, dataset, train, dist=None, epoch=0):
+        if train and epoch == 1:
+            raise Interrupt  # killed at the start of the second epoch, after the first checkpoint
+        return real_loader(cfg, task, dataset, train, dist, epoch)
+
+    monkeypatch.setattr(engine, "_loader", dying_loader)
+    with pytest.raises(Interrupt):
+        train_tool.main([str(path), *sets, "--work-dir", str(tmp_path / "split")])
+    monkeypatch.setattr(engine, "_loader", real_loader)
+    split = tmp_path / "split"
+    # the file alone gives the run's config back: the first call's overrides come from origin.json
+    assert config_diff(engine.resume_config(split, path)[0], load_config(split / "config.yaml")) == []
+    train_tool.main(["--resume", str(split)])  # no CONFIG, no --set repeated
+    assert records(split) == records(tmp_path / "whole")
+    assert load_config(split / "config.yaml").optim.lr == 5e-3
+    assert json.loads((split / "classes.json").read_text()) == [str(i) for i in range(10)]
+
+    before = snapshot(split)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vpeft"):
+        train_tool.main(["--resume", str(split)])
+        train_tool.main([str(path), "--resume", str(split)])
+    said = f"vpeft: {split} already finished (2 epochs); nothing to do."
+    assert [r.getMessage() for r in caplog.records] == [said, said]
+    assert snapshot(split) == before  # no re-evaluation, no new test line, summary.json untouched
+
+    path.write_text(TINY.replace("epochs: 2", "epochs: 3"))  # an edited config is a change: refused...
+    with pytest.raises(ValueError, match=r"differs from the run's in \['train.epochs'\].*--force"):
+        train_tool.main([str(path), "--resume", str(split)])
+    assert snapshot(split) == before
+    train_tool.main([str(path), "--resume", str(split), "--force"])  # ...and with --force written and trained on
+    saved = load_config(split / "config.yaml")
+    assert saved.train.epochs == 3 and saved.optim.lr == 5e-3 and saved.method.options == {"r": 4}
+    lines = records(split)
+    assert [r["split"] for r in lines if "split" in r] == ["val", "val", "val", "test"]
+    assert lines[: len(records(tmp_path / "whole")) - 1] == records(tmp_path / "whole")[:-1]
+
+
+def test_resume_refuses_what_is_not_a_run(tmp_path):
+    import tools.train as train_tool
+
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        train_tool.main(["--resume", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):
+        train_tool.main([])  # neither CONFIG nor --resume
+
+
+EPOCH_LINE = (
+    r"epoch (?P<epoch>\d+)/2  train loss (?P<loss>\d+\.\d{4})  val top1 (?P<top1>\d+\.\d\d)  "
+    r"lr (?P<lr>\d\.\d\de[-+]\d\d)  (?P<seconds>\d+\.\d) s"
+)
+
+
+def test_one_log_line_per_epoch_and_no_progress_bar_without_a_terminal(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("log_every: 2", "log_every: 1"))
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), str(path), "--work-dir", str(run)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr and "\x1b[" not in done.stderr  # stderr is a pipe: no tqdm bar
+    lines = [m for line in done.stderr.splitlines() if (m := re.fullmatch(EPOCH_LINE, line))]
+    assert [int(m["epoch"]) for m in lines] == [1, 2]
+    logged = records(run)
+    for m in lines:  # each field against metrics.jsonl, where every step was logged
+        epoch = int(m["epoch"])
+        steps = [r for r in logged if r["epoch"] == epoch and "split" not in r]
+        assert float(m["loss"]) == pytest.approx(sum(r["loss"] for r in steps) / len(steps), abs=5e-5)
+        val = next(r for r in logged if r["epoch"] == epoch and r.get("split") == "val")
+        assert float(m["top1"]) == pytest.approx(val["top1"], abs=5e-3)
+        assert float(m["lr"]) == pytest.approx(steps[-1]["lr"], rel=5e-3)
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    engine.train(config(tmp_path, "train.epochs=1", "data.val_split=null"), tmp_path / "run")
+    assert "\r" in screen.getvalue() and "epoch 1/1" in screen.getvalue() and "loss=" in screen.getvalue()
+
+
+def test_a_run_that_fails_to_build_leaves_its_directory_empty(tmp_path):
+    bad = config(tmp_path, "data.name=folder", f"data.root={tmp_path / 'absent'}")
+    with pytest.raises(FileNotFoundError):
+        engine.train(bad, tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []  # so the corrected command runs in it without --resume

@@ -5,7 +5,7 @@ This is the core's one public face: code outside ``vpeft/core`` imports from her
 Writing a method
     :class:`AdapterModule` (the base class), :class:`MethodConfig` and :func:`build_config` (options checked field by
     field; the option types ``PositiveInt``, ``NonNegativeInt``, ``DropProbability``, ``ProperFraction``,
-    ``PositiveFloat``, ``NonNegativeFloat``, ``FiniteFloat``, ``Rank`` and ``LenientRank`` declare their ranges),
+    ``PositiveFloat``, ``NonNegativeFloat``, ``FiniteFloat``, ``Rank`` and ``LenientRank`` declare their ranges, :func:`option_types` says them in words),
     :class:`Target` (one place an adapter attaches), ``WHOLE`` (the part name of a whole-module adapter);
     reading a model as the core does: ``ROLES``, :func:`name_matches`, :func:`fused_parts`, :func:`walk`,
     :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model).
@@ -39,6 +39,7 @@ from .config import (
     Rank,
     build_config,
     config_to_dict,
+    option_types,
 )
 from .inject import (
     AdaptedModule,
@@ -99,6 +100,7 @@ __all__ = [
     "name_matches",
     "no_weight_decay",
     "on_step",
+    "option_types",
     "read_adapter",
     "report",
     "select_targets",

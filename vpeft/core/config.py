@@ -123,6 +123,20 @@ def _option_error(method: str, key: str, value: Any, hint: Any, errors: list[dic
     )
 
 
+def option_types(config_cls: type[MethodConfig]) -> dict[str, tuple[str, str]]:
+    """Each option's type and, in words, the values it admits beyond the type (``""`` when the type says it all):
+    ``{"r": ("int", ">= 1, at most min(out, in) of each target"), "dropout": ("float", "in [0, 1)"), ...}``."""
+    hints = typing.get_type_hints(config_cls, include_extras=True)
+    out = {}
+    for field in dataclasses.fields(config_cls):
+        hint = hints[field.name]
+        name, allowed = _type_name(hint), _allowed(hint)
+        if _rank_limit(hint) is not None:
+            allowed += ", at most min(out, in) of each target"
+        out[field.name] = (name, "" if allowed.replace(" or ", " | ") == name else allowed)
+    return out
+
+
 def config_to_dict(config: MethodConfig) -> dict[str, Any]:
     """JSON-ready dict of a config (tuples become lists)."""
     return dataclasses.asdict(config)

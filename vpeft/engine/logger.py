@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
+
 METRICS = "metrics.jsonl"
 
 
@@ -22,11 +24,14 @@ class MetricsLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Forget records past ``step``: a resumed run logs them again, so the file matches an uninterrupted run."""
+        """Forget records past ``step``, and the test record: a resumed run logs them again, so the file matches an
+        uninterrupted run (a finished run resumed with ``--force`` gets one test line, its new one)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in self.path.read_text().splitlines() if line]
+        kept = [line for line in lines if (r := json.loads(line))["step"] <= step and r.get("split") != "test"]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

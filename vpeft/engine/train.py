@@ -1,9 +1,11 @@
 """The training loop: one function, :func:`train`, from a validated run config to a run directory.
 
-Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pt`` (each epoch,
-atomic), ``adapter/`` (the core's adapter files, each epoch) and ``summary.json`` at the end. ``resume=True``
-continues from the last checkpoint with the same data order, RNG streams and schedule, so on CPU the loss curve equals
-an uninterrupted run.
+Run directory: ``config.yaml`` (resolved), ``origin.json`` (the file and ``--set`` overrides it was resolved
+from), ``classes.json`` (the training set's class names), ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pt``
+(each epoch, atomic), ``adapter/`` (the core's adapter files, each epoch) and ``summary.json`` at the end.
+``resume=True`` continues from the last checkpoint with the same data order, RNG streams and schedule, so on CPU the
+loss curve equals an uninterrupted run; resuming a finished run changes nothing. After each epoch one log line says
+the epoch, mean training loss, validation metric, learning rate and seconds; tqdm bars show only on a terminal.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 import vpeft
 
+from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from ..data import build_loader
 from ..tasks import Task, build_task
@@ -39,14 +42,34 @@ from .system import environment, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("vpeft")
 CONFIG = "config.yaml"
+ORIGIN = "origin.json"
+CLASSES = "classes.json"
 SUMMARY = "summary.json"
 
 
-def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``summary.json``)."""
+def train(
+    cfg: RunConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    force: bool = False,
+    origin: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``summary.json``).
+
+    ``resume`` continues the run in ``run_dir``; a ``cfg`` that differs from the run's ``config.yaml`` needs
+    ``force``, which then writes ``cfg`` (and ``origin``) into the run. A finished run (``summary.json`` present)
+    resumed with its own config is left as it is and its summary returned. ``origin`` (``{"config": path, "set":
+    [overrides]}``, None where not known) is stored as ``origin.json`` beside the config, so :func:`resume_config`
+    can tell the first call's overrides from a change.
+    """
     run_dir = Path(run_dir)
     dist = distributed.setup(cfg.train.device)
-    _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
+    changed = _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
+    if resume and not changed and (run_dir / SUMMARY).is_file():
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        log.info("vpeft: %s already finished (%s epochs); nothing to do.", run_dir, summary.get("epochs"))
+        dist.close()
+        return summary
     dist.barrier()
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +100,13 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         if dist.main:
             metrics.truncate_after(counters["step"])
         log.info("vpeft: resumed %s at epoch %d, step %d", run_dir, counters["epoch"], counters["step"])
-    elif dist.main:
-        dump_config(cfg, run_dir / CONFIG)
+    if dist.main:  # written once the run is built: a run that fails to build leaves its directory empty
+        if not resume or changed:
+            dump_config(cfg, run_dir / CONFIG)
+            _write_json(run_dir / ORIGIN, origin or {"config": None, "set": None})  # None: not known
+        classes = getattr(datasets["train"], "classes", None)
+        if classes is not None and not (run_dir / CLASSES).is_file():
+            _write_json(run_dir / CLASSES, [str(c) for c in classes])
     reset_peak_memory(device)
 
     checked = False
@@ -86,7 +114,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         model.train()
         loader = _loader(cfg, task, datasets["train"], True, dist, epoch)
         tic, seen, window = time.perf_counter(), 0, []  # window: losses of the micro-batches of one step
-        quiet = None if dist.main else True  # None: tqdm shows a bar on a terminal only
+        epoch_losses = []
+        quiet = None if dist.main else True  # None: tqdm shows a bar only when stderr is a terminal
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=quiet)
         for i, batch in enumerate(bar):
             batch = task.to_device(batch, device)
@@ -125,15 +154,18 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             counters["step"] += 1
             lr = optimizer.param_groups[0]["lr"]
             step_loss, window = sum(window) / len(window), []
+            epoch_losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
             if counters["step"] % cfg.train.log_every == 0 and dist.main:
                 metrics.log({"step": counters["step"], "epoch": epoch + 1, "loss": step_loss, "lr": lr})
             if cfg.train.max_steps and counters["step"] >= cfg.train.max_steps:
                 break
+        bar.close()
         counters["images"] += seen * dist.world
         counters["train_seconds"] += time.perf_counter() - tic
         counters["epoch"] = epoch + 1
         last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and counters["step"] >= cfg.train.max_steps)
+        val = None
         if "val" in datasets and ((epoch + 1) % cfg.train.eval_every == 0 or last):
             val = task.evaluate(model, _loader(cfg, task, datasets["val"], False, dist), device, autocast, dist.sum)
             if dist.main:
@@ -141,6 +173,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
             if counters["best"] is None or val[task.metric] > counters["best"][task.metric]:
                 counters["best"] = {"epoch": epoch + 1, **val}
         if dist.main:
+            lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - tic
+            log.info("%s", epoch_line(epoch + 1, cfg.train.epochs, epoch_losses, task.metric, val, lr, seconds))
             save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
             vpeft.save_adapter(model, run_dir / "adapter")
             task.export(run_dir / "adapter")
@@ -176,6 +210,35 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
         atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     dist.close()
     return summary
+
+
+def epoch_line(
+    epoch: int, epochs: int, losses: list[float], metric: str, val: dict[str, float] | None, lr: float, seconds: float
+) -> str:
+    """``epoch 3/15  train loss 0.4213  val top1 91.20  lr 1.85e-03  4.1 s``: the line a log file keeps per epoch.
+    The mean loss is over the epoch's optimizer steps (after a resume: the steps since the resume)."""
+    loss = f"{sum(losses) / len(losses):.4f}" if losses else "-"
+    score = f"  val {metric} {val[metric]:.2f}" if val is not None else ""
+    return f"epoch {epoch}/{epochs}  train loss {loss}{score}  lr {lr:.2e}  {seconds:.1f} s"
+
+
+def resume_config(
+    run_dir: str | os.PathLike, config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[RunConfig, dict[str, Any]]:
+    """The config to resume ``run_dir`` with, and its origin (what :func:`train` stores as ``origin.json``).
+
+    Without ``config``: the run's own ``config.yaml`` with ``overrides`` on top. With ``config``: that file with the
+    run's first ``--set`` overrides (from ``origin.json``) and then ``overrides``, so the first call's overrides need
+    not be repeated and an edited file shows as a change (which :func:`train` accepts only with ``force``).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise MissingFileError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
+    earlier = json.loads((run_dir / ORIGIN).read_text()) if (run_dir / ORIGIN).is_file() else {}
+    sets = [*(earlier.get("set") or []), *overrides]
+    if config is None:  # the saved config already holds the first call's overrides
+        return load_config(run_dir / CONFIG, list(overrides)), {"config": earlier.get("config"), "set": sets}
+    return load_config(config, sets), {"config": str(config), "set": sets}
 
 
 def build_run(cfg: RunConfig) -> tuple[Task, nn.Module, dict[str, Any]]:
@@ -258,17 +321,24 @@ def _calibration_batches(cfg: RunConfig, task: Task, dataset: Any, device: torch
     return [task.calibration(b, device) for b in itertools.islice(_loader(cfg, task, dataset, train=False), count)]
 
 
-def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> None:
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> list[str]:
+    """The dotted keys where ``cfg`` differs from the resumed run's config (none for a new run)."""
     if resume:
         if not (run_dir / CONFIG).is_file():
-            raise FileNotFoundError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
+            raise MissingFileError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
         changed = config_diff(load_config(run_dir / CONFIG), cfg)
         if changed and not force:
-            raise ValueError(
-                f"--resume: the config differs from the run's in {changed}; resume with the run's "
-                "config, or pass --force to continue with the new one."
+            raise ConfigError(
+                f"--resume: the config differs from the run's in {changed} ({run_dir / CONFIG}); resume with the "
+                "run's config, or pass --force to continue with the new one (it is then written into the run)."
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+        return changed
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --work-dir."
         )
+    return []

@@ -1,10 +1,30 @@
-"""The method registry: one line per method. Tests and tools pick every entry up from here."""
+"""The method registry: one line per method. Tests and tools pick every entry up from here.
 
-from ._registry import METHODS  # noqa: I001 (one import line per engineer, appended)
-from . import dvpt, earth_adapter
-from . import spt  # noqa: I001
-from . import comp_lora, salt, soma  # noqa: I001
-from . import adapter, adaptformer, baselines, bitfit, convpass, dora, fact, ln_tune, lora, repadapter, ssf, vpt
+``FAMILIES`` groups the registered names as the README's method table does (``python -m vpeft methods`` prints it);
+a name registered by a third party (``METHODS["mine"] = Mine``) is listed apart by that command.
+"""
+
+from . import (
+    adapter,
+    adaptformer,
+    baselines,
+    bitfit,
+    comp_lora,
+    convpass,
+    dora,
+    dvpt,
+    earth_adapter,
+    fact,
+    ln_tune,
+    lora,
+    repadapter,
+    salt,
+    soma,
+    spt,
+    ssf,
+    vpt,
+)
+from ._registry import METHODS
 
 METHODS |= {  # the dict itself lives in _registry, where a method may look others up (SPT)
     "full": baselines.Full,
@@ -29,4 +49,11 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "soma": soma.SoMA,
     "salt": salt.SALT,
     "comp_lora": comp_lora.CompLoRA,
+}
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "reference points": ("full", "linear"),
+    "VTAB-1k leaderboard baselines": ("bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
+                                      "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
+    "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
 }
