@@ -1,0 +1,86 @@
+"""A finished run directory, evaluated or reopened: the one way tools rebuild what a run trained.
+
+:func:`open_run` reads ``config.yaml``, rebuilds the task and its model exactly as :func:`~vpeft.engine.train.train`
+built them (seeded first, so a backbone without a pretrained file gets the same random weights) and loads
+``adapter/``. :func:`evaluate_run` then evaluates one split with the loader, autocast and data-parallel sums that
+training used for its own test metrics, so on the same machine it reproduces them (``tools/test.py``).
+``tools/predict_medical.py`` opens the model alone (``data=False``) to segment new files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import vpeft
+
+from ..errors import ConfigError, MissingFileError
+from ..tasks import Task, build_task
+from . import distributed
+from .config import RunConfig, load_config
+from .train import CONFIG, _autocast, _loader, build_run, seed_everything
+
+ADAPTER = "adapter"
+
+
+@dataclass
+class Run:
+    """A reopened run: its config, task, model (adapter loaded, on the CPU) and datasets by role."""
+
+    cfg: RunConfig
+    task: Task
+    model: nn.Module
+    datasets: dict[str, Any]
+
+
+def open_run(
+    run_dir: str | os.PathLike, overrides: Sequence[str] = (), data: bool = True, task: str | None = None
+) -> Run:
+    """The run in ``run_dir`` with its saved adapter loaded.
+
+    ``overrides`` are ``--set``-style ``key=value`` edits of the saved config (``data.test_split=val``). With
+    ``data=False`` only the model is built (:meth:`Task.build_model`), for predicting files outside the datasets.
+    ``task`` names the task the run must be; another one is refused before anything is built.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise MissingFileError(
+            f"{run_dir / CONFIG} does not exist: {run_dir} is not a run directory (tools/train.py writes "
+            f"{CONFIG} and {ADAPTER}/ into its --work-dir)."
+        )
+    cfg = load_config(run_dir / CONFIG, list(overrides))
+    if task is not None and cfg.task != task:
+        raise ConfigError(f"{run_dir} is a {cfg.task!r} run ({run_dir / CONFIG}, key task), not {task}.")
+    if data:
+        run_task, model, datasets = build_run(cfg)
+    else:
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # as build_run: the same random backbone
+        run_task = build_task(cfg)
+        model, datasets = run_task.build_model(), {}
+    vpeft.load_adapter(model, run_dir / ADAPTER)
+    return Run(cfg, run_task, model, datasets)
+
+
+def evaluate_run(run_dir: str | os.PathLike, split: str | None = None) -> dict[str, Any]:
+    """``{"split": ..., **metrics}`` of the run's adapter on ``split`` (default: the config's test split).
+
+    Runs on ``train.device`` with the run's ``train.amp`` autocast; under ``torchrun`` each process evaluates its
+    share and the sums are added over the processes, as in training.
+    """
+    run = open_run(run_dir, [f"data.test_split={split}"] if split else [])
+    if "test" not in run.datasets:
+        raise ConfigError(f"{Path(run_dir) / CONFIG}: data.test_split is not set; pass the split to evaluate.")
+    dist = distributed.setup(run.cfg.train.device)
+    try:
+        run.model.to(dist.device)
+        loader = _loader(run.cfg, run.task, run.datasets["test"], False, dist)
+        autocast = _autocast(run.cfg.train.amp, dist.device)
+        metrics = run.task.evaluate(run.model, loader, dist.device, autocast, dist.sum)
+    finally:
+        dist.close()
+    return {"split": run.cfg.data.test_split, **metrics}
