@@ -53,9 +53,9 @@ def render() -> str:
         for name in names:
             cls = METHODS[name]
             defaults = ", ".join(
-                f"`{f.name}={f.default!r}`"
+                f"`{f.name}={getattr(cls.Config(), f.name)!r}`"
                 for f in dataclasses.fields(cls.Config)
-                if f.default is not dataclasses.MISSING
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             )
             sections += [f"`{name}` defaults: {defaults}; wraps {', '.join(cls.wraps)}.", ""]
     from vpeft.methods import _svd  # the SVD that soma, salt and comp_lora share

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vpeft.data.common import load_rgb
 from vpeft.engine.distributed import setup
-from vpeft.engine.run_dir import class_names, load_run
+from vpeft.engine.run_dir import class_names, open_run
 from vpeft.errors import DataError, MissingFileError
 
 
@@ -31,7 +31,7 @@ def predict(run_dir: str | os.PathLike, images: list[str], topk: int = 5) -> lis
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise MissingFileError(f"image file(s) not found: {', '.join(missing)}.")
-    run = load_run(run_dir, task="classification")
+    run = open_run(run_dir, task="classification")
     names = class_names(run_dir, run)
     transform = run.datasets["test"].transform
     device = setup(run.cfg.train.device).device

@@ -18,33 +18,22 @@ from pathlib import Path
 
 import torch
 
-import vpeft
-from vpeft.engine.config import load_config
-from vpeft.engine.train import CONFIG, seed_everything
+from vpeft.engine.run_dir import open_run
 from vpeft.medical.inference import save_prediction
 from vpeft.medical.preprocess import Preprocessing
 from vpeft.medical.volumes import load_volumes
-from vpeft.tasks import build_task
 
 
 def predict(run_dir: str | os.PathLike, images: list[str], out_dir: str | os.PathLike) -> list[Path]:
     """Predict each image file with the run's adapter; returns the written prediction files."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise FileNotFoundError(f"{run_dir / CONFIG} does not exist: {run_dir} is not a run directory.")
-    cfg = load_config(run_dir / CONFIG)
-    seed_everything(cfg.train.seed, False)  # the backbone's random init, when there is no pretrained file
-    task = build_task(cfg)
-    if cfg.task != "medical_segmentation":
-        raise ValueError(f"{run_dir} is a {cfg.task!r} run, not medical_segmentation.")
-    task.resolve_classes()
+    run = open_run(run_dir, data=False, task="medical_segmentation")
+    task, model = run.task, run.model
     stored = run_dir / "adapter" / "preprocessing.json"
     prep = Preprocessing.load(stored.parent) if stored.is_file() else task.preprocessing
     if prep != task.preprocessing:
         raise ValueError(f"{stored} differs from the run's config.yaml data options; which one was trained on?")
     prep.save(stored.parent)
-    model = task.build_model()
-    vpeft.load_adapter(model, run_dir / "adapter")
     model.eval()
     volumes = load_volumes([{"image": str(p)} for p in images], prep, len(task.classes), task.data.channels)
     written = []

@@ -11,7 +11,7 @@ import torch
 import vpeft
 from vpeft.engine import train as engine
 from vpeft.engine.config import load_config
-from vpeft.engine.run_dir import load_run
+from vpeft.engine.run_dir import open_run
 
 from .test_train import TINY
 
@@ -71,7 +71,7 @@ def test_class_names_come_from_the_run(run, tmp_path):
     names = [f"digit {i}" for i in range(10)]
     (copy / "classes.json").write_text(json.dumps(names))  # training saved these; predict names by them
     image = tmp_path / "x.png"
-    load_run(copy).datasets["test"].load(0).save(image)
+    open_run(copy).datasets["test"].load(0).save(image)
     top = predict_tool.predict(copy, [str(image)], topk=10)[0]["top"]
     assert [e["class"] for e in top] == [names[e["index"]] for e in top]
     assert sorted(e["index"] for e in top) == list(range(10))

@@ -70,6 +70,13 @@ def test_official_box_sizes():
     torch.testing.assert_close(high[0, 0], checker, rtol=0, atol=1e-5)
 
 
+def test_non_square_box_has_a_half_width_per_axis():
+    mask = low_pass_mask(8, 20, 0.3)  # c_H = int(2.4 // 2) = 1 rows each side of 4, c_W = int(6.0 // 2) = 3 of 10
+    expected = torch.zeros(8, 20)
+    expected[3:5, 7:13] = 1.0
+    assert torch.equal(mask, expected)
+
+
 def _expert(seq, u):
     return F.linear(F.relu(F.linear(u, seq[0].weight, seq[0].bias)), seq[2].weight, seq[2].bias)
 

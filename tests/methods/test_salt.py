@@ -44,7 +44,7 @@ def expected_weight(layer, elementwise=True):
 def test_forward_matches_formula(relu):
     base = tiny_vit()
     model = copy.deepcopy(base)
-    vpeft.apply_method(model, "salt", relu=relu, r_lora=8)
+    vpeft.apply_method(model, "salt", relu=relu, r_lora=8, ratio=0.1)
     layer = layers_of(model, "default")[0]  # blocks.0.attn.qkv, fused 192 x 64
     w, b = base.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.bias
     assert layer.r == 6 and layer.U.shape == (192, 64)
@@ -88,7 +88,7 @@ def test_sam_vit_fused_qkv():
         "samvit_base_patch16", img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5, pretrained=False
     ).eval()
     base = copy.deepcopy(sam)
-    report = vpeft.apply_method(sam, "salt", r_lora=16)
+    report = vpeft.apply_method(sam, "salt", r_lora=16, ratio=0.1)
     targets = sam._vpeft.adapters["default"].targets
     assert "blocks.0.attn.qkv" in targets and len(targets) == 8  # qkv (whole), proj, fc1, fc2 x 2 blocks
     x = torch.randn(2, 3, 64, 64)
@@ -136,8 +136,41 @@ def test_bad_options_are_refused():
         vpeft.apply_method(tiny_vit(), "salt", rank=64)
 
 
-def test_vit_b16_count(vit_b16, monkeypatch):
+def test_vit_b16_count_of_the_released_configuration(vit_b16, monkeypatch):
     monkeypatch.setattr(_svd, "svd", fake_svd)
     r = 76  # floor(0.1 * 768); k = 768 for qkv (2304 x 768), proj, fc1 and fc2
     want = 48 * (2 * r + 2 * (768 - r) * 256)
-    assert vpeft.apply_method(copy.deepcopy(vit_b16), "salt").trainable == want == 17_013_888
+    assert vpeft.apply_method(copy.deepcopy(vit_b16), "salt", ratio=0.1).trainable == want == 17_013_888
+
+
+def test_sam_vit_b_default_count_is_the_papers(monkeypatch):
+    """The default on segment_anything's SAM ViT-B against a count from the module shapes and the SAM1 file's ranks:
+    760 of k on attn.qkv / attn.proj, 50 on mlp.lin1 / mlp.lin2, r_lora 256."""
+    monkeypatch.setattr(_svd, "svd", fake_svd)
+    from vpeft.backbones import build_backbone
+
+    encoder = build_backbone("sam:vit_b", img_size=64).model  # the linear shapes do not depend on the input size
+    official_rank = {"attn.qkv": 760, "attn.proj": 760, "mlp.lin1": 50, "mlp.lin2": 50}
+    want = 0
+    for name, module in encoder.named_modules():
+        layer = next((rank for suffix, rank in official_rank.items() if name.endswith(suffix)), None)
+        if layer is not None:
+            k = min(module.weight.shape)
+            want += 2 * layer + 2 * (k - layer) * 256
+    report = vpeft.apply_method(encoder, "salt")
+    assert report.trainable == want == 8_959_968  # the docstring's 12 * (2 * 5,616 + 2 * 367,716)
+    assert len(report.rows) == 48
+
+
+def test_ratio_per_role_and_a_target_without_one():
+    model = tiny_vit()  # width 64, mlp 256: k = 64 everywhere
+    vpeft.apply_method(model, "salt", r_lora=4, ratio={"qkv": 0.5, "attn.proj": 0.25, "mlp_in": 0.1, "fc2": 0.9})
+    block = model.blocks[0]
+    ranks = {name: next(iter(module.adapters["default"].values())).r
+             for name, module in (("qkv", block.attn.qkv), ("proj", block.attn.proj), ("fc1", block.mlp.fc1),
+                                  ("fc2", block.mlp.fc2))}  # fmt: skip
+    assert ranks == {"qkv": 32, "proj": 16, "fc1": 6, "fc2": 57}  # floor(ratio * 64)
+    with pytest.raises(ValueError, match="no entry for target 'blocks.0.mlp.fc1'.*add its role"):
+        vpeft.apply_method(tiny_vit(), "salt", ratio={"qkv": 0.5, "attn_out": 0.5, "mlp_out": 0.5})
+    with pytest.raises(ValueError, match=r"option 'ratio'.*qkv: Input should be less than 1"):
+        vpeft.apply_method(tiny_vit(), "salt", ratio={"qkv": 1.5})

@@ -119,3 +119,24 @@ def test_vit_b16_count(vit_b16, monkeypatch):
     ab = 8 * (4 * 16 * (768 + 768) + 2 * 16 * (768 + 3072))  # blocks 4..11 of 12
     biases = 8 * (4 * 768 + 3072 + 768)
     assert report.trainable == ab + biases == 1_824_768
+
+
+def test_tuned_biases_get_no_weight_decay_from_the_engines_optimiser():
+    """The documented departure: the engine's AdamW puts every delta_b in the zero-decay group (and the annealing
+    leaves it there), A and B in the decayed group that follows the cosine."""
+    from vpeft.engine.optim import build_optimizer
+
+    _, model = adapted()
+    layers = layers_of(model, "default")
+    biases = {id(layer.bias_delta) for layer in layers}
+    factors = {id(p) for layer in layers for p in (layer.lora_A, layer.lora_B)}
+    assert len(biases) == len(layers) > 0
+    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.999))
+    group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+    (decayed,) = {group_of[i] for i in factors}
+    (undecayed,) = {group_of[i] for i in biases}
+    assert opt.param_groups[undecayed]["weight_decay"] == 0.0 and decayed != undecayed
+    for step in range(0, 11, 5):
+        vpeft.on_step(model, step, 11, opt)
+        assert opt.param_groups[undecayed]["weight_decay"] == 0.0
+    assert opt.param_groups[decayed]["weight_decay"] == pytest.approx(1e-5)

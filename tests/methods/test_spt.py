@@ -318,3 +318,49 @@ def test_kth_largest_without_a_global_sort_equals_sorting():
     flat = torch.sort(torch.cat([s.flatten() for s in scores.values()]), descending=True).values
     for k in range(1, flat.numel() + 1):
         assert ranking.kth_largest(k) == flat[k - 1], k
+
+
+def qkv_structured(tmp_path, **options) -> nn.Module:
+    """The tiny ViT with a hand-written plan: LoRA on q, k and v of block 0's fused qkv, trainable tensors random."""
+    width, r = 64, 8
+    keys = [f"blocks.0.attn.qkv[{p}].weight" for p in "qkv"]
+    plan = {"format": "vpeft.spt_plan", "structured": "lora", "r": r, "indices": {},
+            "decisions": {k: ["structured", r * (width + width)] for k in keys}}  # fmt: skip
+    path = tmp_path / "qkv_plan.json"
+    path.write_text(json.dumps(plan))
+    model = tiny_vit()
+    vpeft.apply_method(model, "spt_lora", calibration=Batches(fail=True), plan_file=str(path), drop_path=0.0, **options)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not n.startswith("head"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def by_hand(qkv: nn.Module, x: torch.Tensor, lora_input: torch.Tensor) -> torch.Tensor:
+    """The base output plus each slice's B A (alpha = r: no scaling) of ``lora_input`` on its own columns."""
+    out = qkv.base_layer(x).detach().clone()
+    for i, part in enumerate("qkv"):
+        lora = qkv.adapters["default"][part].structured
+        out[..., 64 * i : 64 * (i + 1)] += lora_input @ lora.lora_A.detach().T @ lora.lora_B.detach().T
+    return out
+
+
+def test_qkv_slices_share_one_dropout_mask(tmp_path):
+    from vpeft.methods._blocks import Dropout
+
+    model = qkv_structured(tmp_path, dropout=0.5).train()
+    qkv, x = model.blocks[0].attn.qkv, torch.randn(2, 5, 64)
+    torch.manual_seed(7)
+    out = qkv(x)
+    torch.manual_seed(7)
+    dropped = Dropout(0.5).train()(x)  # one draw, the same RNG stream: the mask q, k and v must all see
+    torch.testing.assert_close(out, by_hand(qkv, x, dropped), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout, train", [(0.5, False), (0.0, True)])
+def test_qkv_slices_without_dropout_are_unchanged(tmp_path, dropout, train):
+    model = qkv_structured(tmp_path, dropout=dropout).train(train)
+    qkv, x = model.blocks[0].attn.qkv, torch.randn(2, 5, 64)
+    torch.testing.assert_close(qkv(x), by_hand(qkv, x, x), rtol=1e-5, atol=1e-5)

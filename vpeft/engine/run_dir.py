@@ -1,7 +1,11 @@
-"""A trained run read back from its directory: the config, the task, the model with the run's adapter, the datasets.
+"""A trained run read back from its directory: the one way tools rebuild what a run trained.
 
-Reading a run never writes into its directory, so a shared or read-only run can be evaluated and used for
-prediction. ``tools/predict.py`` uses it; ``tools/test.py`` rebuilds a run the same way.
+:func:`open_run` reads ``config.yaml``, rebuilds the task and its model exactly as :func:`~vpeft.engine.train.train`
+built them (seeded first, so a backbone without a pretrained file gets the same random weights) and loads
+``adapter/``. :func:`evaluate_run` then evaluates one split with the loader, autocast and data-parallel sums that
+training used for its own test metrics, so on the same machine it reproduces them (``tools/test.py``).
+``tools/predict.py`` and ``tools/predict_medical.py`` open a run to predict new files. Reading a run never writes
+into its directory, so a shared or read-only run can be evaluated and used.
 """
 
 from __future__ import annotations
@@ -9,33 +13,41 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import nn
 
 import vpeft
 
 from ..errors import ConfigError, MissingFileError
-from ..tasks import Task
+from ..tasks import Task, build_task
+from . import distributed
 from .config import RunConfig, load_config
-from .train import CLASSES, CONFIG, build_run
+from .train import CLASSES, CONFIG, _autocast, _loader, build_run, seed_everything
 
 ADAPTER = "adapter"
 
 
-class Run(NamedTuple):
+@dataclass
+class Run:
+    """A reopened run: its config, task, model (adapter loaded, in eval mode, on the CPU) and datasets by role."""
+
     cfg: RunConfig
     task: Task
-    model: nn.Module  # in eval mode, on the CPU, with the run's adapter loaded
+    model: nn.Module
     datasets: dict[str, Any]
 
 
-def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), task: str | None = None) -> Run:
-    """Rebuild the run in ``run_dir``: its ``config.yaml`` (with ``overrides``, e.g. ``data.test_split=val``), the
-    task, its model with pretrained weights and the saved ``adapter/``, and its datasets.
+def open_run(
+    run_dir: str | os.PathLike, overrides: Sequence[str] = (), data: bool = True, task: str | None = None
+) -> Run:
+    """The run in ``run_dir`` with its saved adapter loaded.
 
-    ``task`` names the task a tool expects; a run of another task is refused before anything is built.
+    ``overrides`` are ``--set``-style ``key=value`` edits of the saved config (``data.test_split=val``). With
+    ``data=False`` only the model is built (:meth:`Task.build_model`), for predicting files outside the datasets.
+    ``task`` names the task the run must be; another one is refused before anything is built.
     """
     run_dir = Path(run_dir)
     for needed in (CONFIG, ADAPTER):
@@ -47,7 +59,12 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), task: st
     cfg = load_config(run_dir / CONFIG, list(overrides))
     if task is not None and cfg.task != task:
         raise ConfigError(f"{run_dir} is a {cfg.task!r} run ({run_dir / CONFIG}, key task); this needs a {task!r} run.")
-    run_task, model, datasets = build_run(cfg)
+    if data:
+        run_task, model, datasets = build_run(cfg)
+    else:
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # as build_run: the same random backbone
+        run_task = build_task(cfg)
+        model, datasets = run_task.build_model(), {}
     vpeft.load_adapter(model, run_dir / ADAPTER)
     return Run(cfg, run_task, model.eval(), datasets)
 
@@ -59,3 +76,23 @@ def class_names(run_dir: str | os.PathLike, run: Run) -> list[str]:
     if saved.is_file():
         return [str(c) for c in json.loads(saved.read_text())]
     return [str(c) for c in run.datasets["train"].classes]
+
+
+def evaluate_run(run_dir: str | os.PathLike, split: str | None = None) -> dict[str, Any]:
+    """``{"split": ..., **metrics}`` of the run's adapter on ``split`` (default: the config's test split).
+
+    Runs on ``train.device`` with the run's ``train.amp`` autocast; under ``torchrun`` each process evaluates its
+    share and the sums are added over the processes, as in training.
+    """
+    run = open_run(run_dir, [f"data.test_split={split}"] if split else [])
+    if "test" not in run.datasets:
+        raise ConfigError(f"{Path(run_dir) / CONFIG}: data.test_split is not set; pass the split to evaluate.")
+    dist = distributed.setup(run.cfg.train.device)
+    try:
+        run.model.to(dist.device)
+        loader = _loader(run.cfg, run.task, run.datasets["test"], False, dist)
+        autocast = _autocast(run.cfg.train.amp, dist.device)
+        metrics = run.task.evaluate(run.model, loader, dist.device, autocast, dist.sum)
+    finally:
+        dist.close()
+    return {"split": run.cfg.data.test_split, **metrics}

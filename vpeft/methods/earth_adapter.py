@@ -32,6 +32,10 @@ Against the official code (``VisionXLab/Earth-Adapter``, ``earth_adapter.py``):
   ``num_prefix_tokens``) or given as options, and stored in the config; C and the depth come from the targets.
 * The low-pass half-width is at least 1 (the zero frequency stays low); the official formula gives 0 below n = 4/rho
   tokens, which never happens on its 32 x 32 grid, so the official setting is unchanged.
+* On a non-square grid each axis gets its own half-width (c_H from H, c_W from W), so the low-pass box keeps the
+  same fraction rho of both axes. The official code cannot run such grids (it reshapes the tokens to 32 x 32); its
+  formula, one ``int(min(H, W) * rho // 2)`` for both axes, agrees with this on square grids (but for the
+  floor of 1 above).
 * The second and third experts and the router exist only in the frequency blocks; the code allocates them for all 24
   layers and never uses most of them (they count in its logged totals, with 24 leftover LayerNorms).
 * Prefix tokens take the raw path by default (``adapt_prefix``); the code leaves the class token unchanged.

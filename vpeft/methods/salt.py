@@ -16,40 +16,89 @@ it is cached and reused until a parameter or buffer changes (version counters) o
 the same ``delta W`` into W. Optional regulariser (``loss``): ``reg_weight * sum ||diag(a s + beta) - diag(s)||_F +
 ||X Y||_F``, off by default as in the released ``SALT_config.yml`` (``reg_multiplier: 0``).
 
-Defaults, from the released SAM2 path (the SAM1 encoder's SALT lines are all commented out in the official code):
-every block's fused qkv (one SVD of the 3d x d matrix, as the official), proj, fc1 and fc2 (timm ``samvit`` names;
-``mlp.lin1``/``lin2`` of segment_anything via ``targets``), ``ratio = 0.1`` (r = max(1, floor(0.1 k))), ``r_lora =
-256``, X Kaiming-uniform (a = sqrt(20), fan_in, relu gain) and Y = 0, so W' = W at init. ``init="sam1"`` is the
-SAM1 file's X, Y ~ N(0, 0.01^2) (not the base model at init). ``rank`` sets r absolutely (the SAM1 comments use
-760 on qkv/proj, 50 on the MLP). Count per layer ``2 r + 2 (k - r) r_lora``; ViT-B/16 and SAM ViT-B (k = 768 on
-all four, r = 76): 48 * (152 + 2 * 692 * 256) = 17,013,888. U, S, V are persistent buffers (an SVD on another device
-may return other signs, which change X Y's meaning), so the adapter file holds about one copy of the targeted
-weights. Mergeable. Not done: the official per-layer ``torch.manual_seed(42)`` and the (reg) tuple returned by
-every rewritten block; trained norms and ``pos_embed`` (the official ``salt`` strategy) are other methods' job.
+Defaults, the paper's SAM ViT-B setting: every block's fused qkv (one SVD of the 3d x d matrix, as the official),
+proj, fc1 and fc2 (roles ``qkv``, ``attn_out``, ``mlp_in``, ``mlp_out``: timm names and segment_anything's
+``mlp.lin1``/``lin2``), r_lora = 256, and r = floor(ratio k) with ``ratio = {qkv: 0.99, attn_out: 0.99, mlp_in:
+0.066, mlp_out: 0.066}``: at k = 768 that is r = 760 on qkv and proj and r = 50 on the MLP, the ranks of the official
+SAM1 encoder (``SALTLinear(..., rank=760, r_lora=256)`` in ``image_encoder.py``, ``rank=50`` in ``common.py``; the
+lines are commented out in the released code, which runs its S-SAM baseline there). A ratio is per target: a float
+for all, or a mapping from roles or module names to floats (the first key that matches a target is its ratio).
+X is Kaiming-uniform (a = sqrt(20), fan_in, relu gain) and Y = 0, so W' = W at init; ``init="sam1"`` is the SAM1
+file's X, Y ~ N(0, 0.01^2) (not the base model at init). ``rank`` sets r absolutely (overrides ratio).
+
+Count per layer ``2 r + 2 (k - r) r_lora``. SAM ViT-B (``sam:vit_b``) and ViT-B/16 (k = 768 on all four):
+qkv and proj 2 * 760 + 2 * 8 * 256 = 5,616, fc1 and fc2 2 * 50 + 2 * 718 * 256 = 367,716, so 12 * (2 * 5,616 + 2 *
+367,716) = 8,959,968 (10.0% of SAM ViT-B's 89,670,912-parameter encoder). The paper's 3.9% is this count in the
+official accounting (``main.py``'s ``salt`` strategy at 512 x 512 input): trainable are the SALT tensors plus
+7,144 on the two neck convs (``SALTConv2d``, rank 250; vpeft wraps no conv), ``pos_embed`` (32 x 32 x 768 =
+786,432), every parameter named ``norm`` (36,864 encoder, 4,608 decoder) and the text affine (131,840): 9,926,856;
+the total also holds the frozen CLIP ViT-B/32 (151,277,313) beside SAM at 512 (91,343,408) and the added SALT
+tensors: 9,926,856 / 251,719,673 = 3.94%. The same accounting gives the README's LoRA (rank 256) row exactly (LoRA
+on the same four layers and the two neck convs, 38,666,240): 39,625,984 / 281,418,801 = 14.08%.
+
+The released configuration (``SALT_config.yml``, the SAM2 Hiera path, ``global_adapter="salt"``): ``ratio=0.1,
+r_lora=256`` on the same four layers, r = max(1, floor(0.1 k)) = 76 at k = 768: 48 * (152 + 2 * 692 * 256) =
+17,013,888 on ViT-B/16 (19.8%). U, S, V are persistent buffers (an SVD on another device may return other signs,
+which change X Y's meaning), so the adapter file holds about one copy of the targeted weights. Mergeable. Not done:
+the official per-layer ``torch.manual_seed(42)`` and the (reg) tuple returned by every rewritten block; trained norms
+and ``pos_embed`` (the official ``salt`` strategy) are other methods' job.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterModule, LenientRank, MethodConfig, NonNegativeFloat, ProperFraction, Rank, Target
+from ..core import (
+    ROLES,
+    AdapterModule,
+    LenientRank,
+    MethodConfig,
+    NonNegativeFloat,
+    ProperFraction,
+    Rank,
+    Target,
+    name_matches,
+)
+from ..errors import ConfigError, OptionError
 from . import _svd
+
+# the paper's ranks on SAM ViT-B (k = 768) as fractions of k: floor(0.99 * 768) = 760, floor(0.066 * 768) = 50
+PAPER_RATIOS = {"qkv": 0.99, "attn_out": 0.99, "mlp_in": 0.066, "mlp_out": 0.066}
 
 
 @dataclass
 class SALTConfig(MethodConfig):
     targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")
-    ratio: ProperFraction = 0.1  # r = max(1, floor(ratio * k)) top singular values get scale and shift
+    # r = max(1, floor(ratio * k)) top singular values get scale and shift; one float, or per role / module name
+    ratio: ProperFraction | dict[str, ProperFraction] = field(default_factory=lambda: dict(PAPER_RATIOS))
     rank: Rank | None = None  # r as an absolute count (overrides ratio)
     r_lora: LenientRank = 256  # rank of X Y in the tail; the released SAM2 file uses 256 on every layer
     relu: Literal["elementwise", "diag"] = "elementwise"
     init: Literal["identity", "sam1"] = "identity"  # identity (SAM2 file) | sam1
     reg_weight: NonNegativeFloat = 0.0
+
+    def check(self) -> None:
+        if isinstance(self.ratio, dict) and not self.ratio:
+            raise OptionError("salt option ratio must be one value in (0, 1) or a non-empty map of them, got {}.",
+                              "ratio")  # fmt: skip
+
+
+def ratio_for(target: Target, ratio: float | dict[str, float]) -> float:
+    """The target's ratio: the float itself, or the value of the first key (a role or a module name) it matches."""
+    if not isinstance(ratio, dict):
+        return ratio
+    for key, value in ratio.items():
+        if any(name_matches(target.key, pattern) for pattern in ROLES.get(key, (key,))):
+            return value
+    raise ConfigError(
+        f"salt option ratio has no entry for target {target.key!r} (keys {list(ratio)}): add its role or module "
+        "name, or give one ratio for every target (ratio=0.1)."
+    )
 
 
 class SALT(AdapterModule):
@@ -61,7 +110,7 @@ class SALT(AdapterModule):
         super().__init__(target, config, shared)
         weight, _ = target.weight_and_bias()  # (out, in)
         k = min(weight.shape)
-        r = config.rank if config.rank is not None else max(1, math.floor(config.ratio * k))
+        r = config.rank if config.rank is not None else max(1, math.floor(ratio_for(target, config.ratio) * k))
         if r >= k:
             raise ValueError(f"salt: r={r} top singular values leave no tail in {target.key!r} (k = {k}).")
         self.r, self.elementwise = r, config.relu == "elementwise"

@@ -30,6 +30,14 @@ loads the pretrained checkpoint, which then overwrites W_res with the full pretr
 components of the random init; here the SVD is of the loaded weight. The official default ``sora_niter_4`` init
 (top components via ``svd_lowrank``) is not offered; every released config uses the full SVD, as here. The unused
 ``lora_dropout`` is left out. The official scheduler also raises zero-decay groups toward 1e-5; here they stay at 0.
+
+Departure kept on purpose: the official optimiser (``PEFTOptimWrapperConstructor``) gives the tuned biases the
+backbone's annealed weight decay 0.05, because its ``custom_keys={"backbone": ...}`` match wins over every other
+rule and the configs set no ``bias_decay_mult`` (their comment asks for no decay on position embeddings and norms
+only). Here ``delta_b`` stays in the engine's no-decay group of 1-D tensors: it is a zero-initialised change on top of
+the frozen pretrained bias, so decay on it would pull the bias toward its pretrained value, whereas the official
+decay pulls the bias itself toward zero. Giving ``delta_b`` 0.05 would copy the number, not the behaviour, and the
+official behaviour (decay of b + delta_b) is not something an optimiser param group can express.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ sparse entries + full vectors) is closest to ``param_budget`` (millions); the of
 here a binary search over every tau (the total is non-decreasing in tau). Candidates are q, k, v (row slices of a
 fused ``attn.qkv``, decided separately), attn.proj, fc1, fc2 weights, every Linear bias, and norm1/norm2/final-norm
 weights and biases. Defaults (``configs/vtab_*_spt_*.sh``): r = 8, alpha = 10, beta = 5, 16 batches, dropout 0.1 on
-the structured input (none for proj), DropPath 0.1 on the structured output, budget 0.4M (the sweep is 0.2-1.0M).
+the structured input (none for proj; one mask per input, so the q, k, v slices of a fused qkv share it, as the
+official ``x_drop``), DropPath 0.1 on each structured output, budget 0.4M (the sweep is 0.2-1.0M).
 
 ViT-B/16 count: the plan total, ``round(param_budget * 1e6)`` up to the step of the last tau, plus the head (76,900
 for 100 classes). Measured on random-weight ViT-B/16 (one random calibration batch): spt_lora at 0.4M = 399,584 =
@@ -25,7 +26,7 @@ for 100 classes). Measured on random-weight ViT-B/16 (one random calibration bat
 the official cifar 0.4M plan also has 14 LoRA matrices (0.381M). spt_adapter at 1.0M: 995,621. ``spt_lora`` is
 mergeable (sparse and vector deltas and LoRA are additive); ``spt_adapter`` is not. ``structured`` may name another
 registry method wrapping Linear layers (``dora``): its AdapterModule is built per structured matrix with r (or dim) =
-``r``, alpha = r and the SPT dropout.
+``r``, alpha = r, and the SPT dropout on its input.
 
 The plan is saved as JSON (``plan_file``; reused when present); the scores are cached in a safetensors file
 (``sensitivity_file``) that serves every budget. The config keeps (target, weight kind/count, bias kind/count), and
@@ -127,6 +128,10 @@ def structured_class(name: str, method: str = "spt") -> type:
     return cls
 
 
+def _fields(config_cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
 def _is_attn_out(target: Target) -> bool:
     return any(name_matches(target.name, p) for p in ROLES["attn_out"])
 
@@ -147,13 +152,18 @@ class _SeqAdapter(nn.Module):
         return y + self.up(F.gelu(self.down(x if self.parallel else self.dropout(y))))
 
 
+def input_dropout(target: Target, config: SPTLoRAConfig) -> float:
+    """p of the dropout on a structured module's input: ``dropout``, none on attn.proj (official: raw proj input)."""
+    return 0.0 if _is_attn_out(target) else config.dropout
+
+
 def build_structured(target: Target, config: SPTLoRAConfig) -> nn.Module:
+    """The structured module of one matrix; its input dropout is :class:`SPT`'s own (one mask per input)."""
     cls = structured_class(config.structured)
-    p = 0.0 if _is_attn_out(target) else config.dropout  # official: raw proj input
     if cls is _SeqAdapter:
-        return _SeqAdapter(target, config.r, p)
-    options = {"r": config.r, "dim": config.r, "alpha": float(config.r), "dropout": p}
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
+        return _SeqAdapter(target, config.r, input_dropout(target, config))
+    options = {"r": config.r, "dim": config.r, "alpha": float(config.r), "dropout": 0.0}
+    fields = _fields(cls.Config)
     sub = cls.Config(**{k: v for k, v in options.items() if k in fields})
     if hasattr(sub, "check"):
         sub.check()
@@ -373,6 +383,9 @@ class SPT(AdapterModule):
         self.kinds, self.in_features = {"weight": entry[1], "bias": entry[3]}, target.in_features
         self.structured = build_structured(target, config) if entry[1] == "structured" else None
         self.seq = isinstance(self.structured, _SeqAdapter)
+        # what the structured module's option `dropout` did, drawn here so that the q, k, v slices share one mask
+        takes = self.structured is not None and not self.seq and "dropout" in _fields(self.structured.Config)
+        self.dropout = dropout(input_dropout(target, config) if takes else 0.0)
         self.drop_path = config.drop_path
         self.norm = (target.module.normalized_shape, target.module.eps) if target.kind == "norm" else None
         if self.norm is not None and not isinstance(target.module, nn.LayerNorm):
@@ -427,6 +440,22 @@ class SPT(AdapterModule):
         return y + delta * keep / (1 - self.drop_path)
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._adapt(x, y, self.dropout(x))
+
+    @classmethod
+    def adapt_slices(cls, x: Tensor, y: Tensor, parts: dict[str, AdapterModule], slices: dict[str, slice]) -> Tensor:
+        """The slices of one fused projection with one dropout mask on x for all their structured modules, as the
+        official ``AttentionSPTParallel`` feeds one ``x_drop`` to q, k and v (sparse deltas read x itself)."""
+        drops = [m.dropout for m in parts.values() if isinstance(m.dropout, nn.Dropout)]
+        dropped = drops[0](x) if drops else x
+        chunks = list(y.split([s.stop - s.start for s in slices.values()], dim=-1))
+        for i, part in enumerate(slices):
+            if part in parts:
+                chunks[i] = parts[part]._adapt(x, chunks[i], dropped)
+        return torch.cat(chunks, dim=-1)
+
+    def _adapt(self, x: Tensor, y: Tensor, dropped: Tensor) -> Tensor:
+        """``y`` plus this target's tensors; ``dropped`` is x after the structured input dropout."""
         bias = self._dense("bias")
         if self.norm is not None:
             gamma = self._dense("weight")
@@ -438,7 +467,7 @@ class SPT(AdapterModule):
             rows, cols = idx.div(self.in_features, rounding_mode="floor"), idx % self.in_features
             y = y.index_add(-1, rows, x[..., cols] * self.weight_delta)  # (..., K) summed into the selected rows
         if self.structured is not None and not self.seq:
-            y = self._struct(x, y)
+            y = self._struct(dropped, y)
         y = y + bias if bias is not None else y
         return self._struct(x, y) if self.seq else y
 

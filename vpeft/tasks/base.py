@@ -10,25 +10,35 @@
     task.export(run_dir / "adapter")                 # files the task keeps beside the adapter
 
 Batches are whatever the task's datasets and ``collate`` produce; ``to_device`` moves tensors in tuples, lists and
-dicts. ``reduce`` sums a float64 tensor over data-parallel processes, so ``evaluate`` accumulates sums, not means.
+dicts. ``reduce`` sums a float64 tensor over data-parallel processes, so evaluation accumulates sums, not means.
+
+``evaluate`` is one template for every task: eval mode (the previous mode restored afterwards, also after an error),
+no gradients, each batch moved to the device and handed to the task's :meth:`Task.accumulate` under ``autocast``,
+then :meth:`Task.summarise` turns what was accumulated into metrics with ``reduce``. A task writes only those two
+hooks and :meth:`Task.start`, which makes the empty state of one evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 Reduce = Callable[[Tensor], Tensor]
 
 
+def _one_process(values: Tensor) -> Tensor:
+    return values
+
+
 class Task:
-    """Base class; subclasses implement :meth:`build`, :meth:`loss` and :meth:`evaluate`."""
+    """Base class; subclasses implement :meth:`build`, :meth:`loss` and the evaluation hooks :meth:`start`,
+    :meth:`accumulate` and :meth:`summarise`."""
 
     metric: str = "top1"  # the validation metric that picks the best epoch
     collate: Callable[[list[Any]], Any] | None = None  # None: torch's default collate
@@ -40,18 +50,46 @@ class Task:
         """The model (pretrained weights loaded, no method yet) and the datasets by role (train, val, test)."""
         raise NotImplementedError
 
+    def build_model(self) -> nn.Module:
+        """The model alone, for prediction on new inputs; by default built with the datasets (a class count may come
+        from them), a task that can do without them overrides this."""
+        return self.build()[0]
+
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
     def evaluate(
         self,
         model: nn.Module,
-        loader: DataLoader,
+        loader: Iterable[Any],
         device: torch.device,
         autocast: contextlib.AbstractContextManager | None = None,
         reduce: Reduce | None = None,
     ) -> dict[str, float]:
+        """Metrics of ``model`` over ``loader`` (``reduce``: the sum over data-parallel processes; None: one process)."""
+        was_training = model.training
+        model.eval()
+        try:
+            state = self.start(model, device)
+            with torch.no_grad():
+                for batch in loader:
+                    batch = self.to_device(batch, device)
+                    with autocast or contextlib.nullcontext():
+                        self.accumulate(state, model, batch)
+        finally:
+            model.train(was_training)
+        return self.summarise(state, reduce or _one_process)
+
+    def start(self, model: nn.Module, device: torch.device) -> Any:
+        """The empty state of one evaluation (sums, records...), filled by :meth:`accumulate`."""
+        raise NotImplementedError
+
+    def accumulate(self, state: Any, model: nn.Module, batch: Any) -> None:
+        """Add one batch (already on the device) to ``state``; runs without gradients, under the run's autocast."""
+        raise NotImplementedError
+
+    def summarise(self, state: Any, reduce: Reduce) -> dict[str, float]:
+        """The metrics of the filled ``state``; ``reduce`` sums a tensor over the processes (identity with one)."""
         raise NotImplementedError
 
     def export(self, adapter_dir: Path) -> None:

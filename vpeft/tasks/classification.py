@@ -7,7 +7,6 @@ and ``pool: both``, get :class:`~vpeft.heads.classification.Classifier`.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import timm
@@ -15,7 +14,7 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
@@ -79,31 +78,21 @@ class ClassificationTask(Task):
         logits = model(images)
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        device: torch.device,
-        autocast: contextlib.AbstractContextManager | None = None,
-        reduce: Reduce | None = None,
-    ) -> dict[str, float]:
-        """Loss, top-1 and top-5 over ``loader``; ``reduce`` sums the counts over data-parallel processes."""
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, items
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            with autocast or contextlib.nullcontext():
-                logits = model(images)
-            logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
-            hits1 = (top[:, 0] == labels).sum().item()
-            hits5 = (top == labels[:, None]).any(dim=1).sum().item()
-            loss = F.cross_entropy(logits, labels, reduction="sum").item()
-            sums += torch.tensor([loss, hits1, hits5, labels.numel()], dtype=torch.float64)
-        model.train(was_training)
-        loss_sum, correct1, correct5, total = (reduce(sums) if reduce else sums).tolist()
+    def start(self, model: nn.Module, device: torch.device) -> torch.Tensor:
+        return torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, items
+
+    def accumulate(self, state: torch.Tensor, model: nn.Module, batch: Any) -> None:
+        images, labels = batch
+        logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        hits1 = (top[:, 0] == labels).sum().item()
+        hits5 = (top == labels[:, None]).any(dim=1).sum().item()
+        loss = F.cross_entropy(logits, labels, reduction="sum").item()
+        state += torch.tensor([loss, hits1, hits5, labels.numel()], dtype=torch.float64)
+
+    def summarise(self, state: torch.Tensor, reduce: Reduce) -> dict[str, float]:
+        """Loss, top-1 and top-5 (percent) over the split."""
+        loss_sum, correct1, correct5, total = reduce(state).tolist()
         if total == 0:
             raise ValueError("evaluation split is empty")
         return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}

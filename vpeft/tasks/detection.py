@@ -18,12 +18,11 @@ fills each slot once); every process then computes the same AP over the whole sp
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
@@ -72,27 +71,19 @@ class DetectionTask(Task):
         losses = model(images, [training_target(t) for t in targets])
         return sum(losses.values())
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        device: torch.device,
-        autocast: contextlib.AbstractContextManager | None = None,
-        reduce: Reduce | None = None,
-    ) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        records: list[Record] = []
-        for images, targets in loader:
-            with autocast or contextlib.nullcontext():
-                predictions = model([image.to(device) for image in images])
-            for prediction, target in zip(predictions, targets, strict=True):
-                prediction = {k: prediction[k].detach().cpu() for k, _ in _PRED}
-                prediction["boxes"], prediction["scores"] = prediction["boxes"].float(), prediction["scores"].float()
-                records.append((int(target["index"]), prediction, {k: target[k] for k, _ in _TRUTH}))
-        model.train(was_training)
-        return coco_map(gather(records, reduce))
+    def start(self, model: nn.Module, device: torch.device) -> list[Record]:
+        return []
+
+    def accumulate(self, state: list[Record], model: nn.Module, batch: Any) -> None:
+        images, targets = batch
+        predictions = model(list(images))
+        for prediction, target in zip(predictions, targets, strict=True):
+            prediction = {k: prediction[k].detach().cpu() for k, _ in _PRED}
+            prediction["boxes"], prediction["scores"] = prediction["boxes"].float(), prediction["scores"].float()
+            state.append((int(target["index"]), prediction, {k: target[k].cpu() for k, _ in _TRUTH}))
+
+    def summarise(self, state: list[Record], reduce: Reduce) -> dict[str, float]:
+        return coco_map(gather(state, reduce))
 
 
 def training_target(target: dict[str, Any]) -> dict[str, Tensor]:
@@ -111,14 +102,12 @@ def coco_map(records: list[Record]) -> dict[str, float]:
     return {k: float(result[k]) * 100 if float(result[k]) >= 0 else -1.0 for k in _REPORTED}
 
 
-def gather(records: list[Record], reduce: Reduce | None) -> list[Record]:
+def gather(records: list[Record], reduce: Reduce) -> list[Record]:
     """Every process's records on every process, with a sum-only ``reduce`` (see the module docstring).
 
     Needs the shards to partition the dataset's indices 0..N-1 (the engine's ``Subset(range(rank, N, world))``);
     anything else is an error rather than a wrong AP.
     """
-    if reduce is None:
-        return records
     total = int(reduce(torch.tensor([len(records)], dtype=torch.float64)).item())
     if total == len(records):  # one process, or all images here
         return records

@@ -25,15 +25,15 @@ every evaluation sees the same prompts); the policy is logged at build.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..backbones import build_backbone
 from ..deps import require
@@ -119,6 +119,14 @@ def _options(cls: type[_Options], values: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{problems}. Valid keys of {where}: {sorted(cls.model_fields)}.") from None
 
 
+class _Evaluation:
+    """What one evaluation accumulates: the per-class sums, where cases are predicted, and the prompt generator."""
+
+    def __init__(self, metrics: CaseMetrics, device: torch.device, seed: int):
+        self.metrics, self.device = metrics, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+
 class MedicalSegmentationTask(Task):
     metric = "dice"
 
@@ -196,6 +204,9 @@ class MedicalSegmentationTask(Task):
         return self.classes
 
     def build_model(self) -> MedicalSegmenter:
+        """The segmenter alone (no volume is read): the class count comes from the config or the datalist."""
+        if not self.classes:
+            self.resolve_classes()
         cfg, h = self.cfg, self.head
         backbone = build_backbone(
             cfg.model.name, pretrained=cfg.model.pretrained, img_size=self.size[0], drop_path=cfg.model.drop_path,
@@ -274,29 +285,22 @@ class MedicalSegmentationTask(Task):
             return {k: torch.stack([it[k] for it in items]) for k in items[0]}
         return list(items)  # whole cases (Volume): they differ in shape
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        device: torch.device,
-        autocast: contextlib.AbstractContextManager | None = None,
-        reduce: Reduce | None = None,
-    ) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        metrics = CaseMetrics(self.classes, self.data.nsd_tolerance)
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        for cases in loader:
-            for volume in cases:
-                label = torch.as_tensor(volume.label).long()
-                with autocast or contextlib.nullcontext():
-                    logits = self.predict(model, torch.as_tensor(volume.image).to(device), label.to(device), generator)
-                metrics.add(logits.float().argmax(0).cpu(), label[0], volume.spacing)
-        model.train(was_training)
-        if metrics.sums[1].sum() == 0 and reduce is None:
+    def start(self, model: nn.Module, device: torch.device) -> _Evaluation:
+        # the prompt generator restarts at train.seed: every evaluation sees the same prompts
+        return _Evaluation(CaseMetrics(self.classes, self.data.nsd_tolerance), device, self.cfg.train.seed)
+
+    def accumulate(self, state: _Evaluation, model: nn.Module, batch: Any) -> None:
+        for volume in batch:  # whole cases
+            label = torch.as_tensor(volume.label).long()
+            image = torch.as_tensor(volume.image).to(state.device)
+            logits = self.predict(model, image, label.to(state.device), state.generator)
+            state.metrics.add(logits.float().argmax(0).cpu(), label[0], volume.spacing)
+
+    def summarise(self, state: _Evaluation, reduce: Reduce) -> dict[str, float]:
+        result = state.metrics.result(reduce)
+        if math.isnan(result["dice"]):
             log.warning("vpeft: no evaluated case holds a foreground class; Dice is undefined (nan)")
-        return metrics.result(reduce)
+        return result
 
     def predict(self, model: nn.Module, image: Tensor, label: Tensor | None, generator: torch.Generator) -> Tensor:
         """Logits (K, *spatial) of one whole case (C, *spatial); ``label`` (1, *spatial) feeds the prompts."""

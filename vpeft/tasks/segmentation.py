@@ -22,14 +22,14 @@ larger than the image are zero-padded (zero is the normalised mean colour).
 
 from __future__ import annotations
 
-import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
@@ -160,36 +160,25 @@ class SegmentationTask(Task):
             return model(images)
         return slide_inference(model, images, self.slide["crop"], self.slide["stride"])
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        device: torch.device,
-        autocast: contextlib.AbstractContextManager | None = None,
-        reduce: Reduce | None = None,
-    ) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
+    def start(self, model: nn.Module, device: torch.device) -> Tensor:
+        return torch.zeros(2 + model.num_classes**2, dtype=torch.float64)  # loss sum, labelled pixels, confusion
+
+    def accumulate(self, state: Tensor, model: nn.Module, batch: Any) -> None:
+        images, masks = batch
+        if isinstance(images, Tensor):  # one stacked batch, else a list of differently sized images
+            images, masks = [images], [masks]
         num_classes = model.num_classes
-        sums = torch.zeros(2 + num_classes**2, dtype=torch.float64)  # loss sum, labelled pixels, confusion matrix
-        for images, masks in loader:
-            if isinstance(images, Tensor):  # one stacked batch, else a list of differently sized images
-                images, masks = [images], [masks]
-            for image, mask in zip(images, masks, strict=True):
-                image, mask = image.to(device), mask.to(device)
-                if image.dim() == 3:
-                    image, mask = image[None], mask[None]
-                with autocast or contextlib.nullcontext():
-                    logits = self.predict(model, image)
-                logits = logits.float()
-                loss = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
-                confusion = confusion_matrix(logits.argmax(1), mask, num_classes)
-                sums += torch.cat(
-                    [torch.stack([loss.cpu(), confusion.sum().cpu()]).double(), confusion.flatten().cpu()]
-                )
-        model.train(was_training)
-        sums = reduce(sums) if reduce else sums
+        for image, mask in zip(images, masks, strict=True):
+            if image.dim() == 3:
+                image, mask = image[None], mask[None]
+            logits = self.predict(model, image).float()
+            loss = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
+            confusion = confusion_matrix(logits.argmax(1), mask, num_classes)
+            state += torch.cat([torch.stack([loss.cpu(), confusion.sum().cpu()]).double(), confusion.flatten().cpu()])
+
+    def summarise(self, state: Tensor, reduce: Reduce) -> dict[str, float]:
+        sums = reduce(state)
         if sums[1] == 0:
             raise ValueError("evaluation split has no labelled pixels")
+        num_classes = math.isqrt(len(sums) - 2)
         return {"loss": (sums[0] / sums[1]).item(), **scores(sums[2:].reshape(num_classes, num_classes))}
