@@ -24,6 +24,8 @@ from vbench.report import read_jsonl, write_leaderboard  # noqa: E402
 from vbench.runner import check_result, collect  # noqa: E402
 from vbench.suite import load_suite  # noqa: E402
 
+from vpeft.engine import cli  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

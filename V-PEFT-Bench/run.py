@@ -38,6 +38,7 @@ from vbench.runner import collect, execute  # noqa: E402
 from vbench.suite import load_suite, resolve_tasks  # noqa: E402
 
 import vpeft  # noqa: E402
+from vpeft.engine import cli  # noqa: E402
 from vpeft.methods import METHODS  # noqa: E402
 from vpeft.registry import lookup  # noqa: E402
 
@@ -182,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import vpeft
+from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.train import CONFIG, seed_everything
 from vpeft.medical.inference import save_prediction
@@ -68,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

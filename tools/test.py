@@ -13,6 +13,7 @@ from pathlib import Path
 import vpeft
 from vpeft.files import atomic_write
 from vpeft.data import build_loader
+from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.distributed import setup
 from vpeft.engine.train import CONFIG, build_run
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.train import train
 
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

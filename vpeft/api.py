@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .core import Report, build_config, inject, io
+from .errors import ArgumentTypeError
 from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS
 from .registry import lookup
@@ -30,6 +31,7 @@ def apply_method(
     ``calibration`` is an iterable of ``(inputs, targets)`` batches for methods that decide from data (SPT...).
     A second call with another ``adapter_name`` adds a second adapter (with its own head) and activates it.
     """
+    _check_model(model, "apply_method", method)
     cls = lookup(METHODS, method, "method")
     config = build_config(cls.Config, options, method)
     return inject.add_adapter(model, cls, method, config, adapter_name, calibration)
@@ -42,6 +44,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Report:
     """Rebuild the saved method on ``model`` and load its tensors; on any mismatch the model is left unchanged."""
+    _check_model(model, "load_adapter", directory)
     meta, tensors = io.read(directory)
     name = adapter_name or meta["adapter_name"]
     cls = lookup(METHODS, meta["method"], "method")
@@ -56,6 +59,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         inject.delete_adapter(model, name)
         raise
     return report
+
+
+def _check_model(model: Any, call: str, second: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            f"vpeft.{call} takes the model (a torch.nn.Module) first, got {type(model).__name__} {model!r:.60}; "
+            f"call vpeft.{call}(model, {second!r}, ...)."
+        )
 
 
 merge = inject.merge

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import vpeft
 from ..core import io
 from ..files import atomic_write
 from ..data import build_loader
+from ..errors import ConfigError, ExistingPathError, MissingFileError
 from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -50,7 +52,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
     _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
     dist.barrier()
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(run_dir)
     device = dist.device
     start = time.perf_counter()
 
@@ -218,7 +220,7 @@ def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManag
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp fp16 needs a CUDA device; use bf16 on CPU.")
+        raise ConfigError("train.amp fp16 needs a CUDA device; use bf16 on CPU.")
     # parameters stay fp32 (adapters and head included); autocast only lowers the precision of the matmuls
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
@@ -259,17 +261,30 @@ def _calibration_batches(cfg: RunConfig, task: Task, dataset: Any, device: torch
     return [task.calibration(b, device) for b in itertools.islice(_loader(cfg, task, dataset, train=False), count)]
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and make sure a file can be written there, before any work that would be lost."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        raise ConfigError(
+            f"the run directory {run_dir} cannot be written ({err.strerror or err}); choose a --work-dir you can write."
+        ) from None
+
+
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ExistingPathError(f"{run_dir} is a file, not a run directory; choose another --work-dir.")
     if resume:
         if not (run_dir / CONFIG).is_file():
-            raise FileNotFoundError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
+            raise MissingFileError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
         changed = config_diff(load_config(run_dir / CONFIG), cfg)
         if changed and not force:
-            raise ValueError(
+            raise ConfigError(
                 f"--resume: the config differs from the run's in {changed}; resume with the run's "
                 "config, or pass --force to continue with the new one."
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
+        raise ExistingPathError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --work-dir."
         )

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 
 class UnetrDecoder(nn.Module):
     """``n`` ViT maps (B, C, *grid) and the input (B, C_in, *size) -> logits (B, num_classes, *size)."""
@@ -59,7 +61,7 @@ class UnetrDecoder(nn.Module):
         """Up-steps (and feature maps) for a patch size: log2(p)."""
         stages = math.log2(patch_size)
         if stages != int(stages) or stages < 1:
-            raise ValueError(f"the UNETR decoder needs a power-of-two patch size, got {patch_size}.")
+            raise ConfigError(f"the UNETR decoder needs a power-of-two patch size, got {patch_size}.")
         return int(stages)
 
     def forward(self, features: Sequence[Tensor], image: Tensor) -> Tensor:
