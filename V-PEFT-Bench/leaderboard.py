@@ -25,6 +25,7 @@ from vbench.runner import check_result, collect  # noqa: E402
 from vbench.suite import load_suite  # noqa: E402
 
 from vpeft.engine import cli  # noqa: E402
+from vpeft.errors import MissingFileError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="leaderboard folder")
     args = parser.parse_args(argv)
     suite = load_suite(args.suite)
+    if not args.results.exists():
+        raise MissingFileError(f"--results {args.results} does not exist; give a results folder or a runs.jsonl.")
     if args.results.is_file():
         records = read_jsonl(args.results)
         bad = [(i, p) for i, r in enumerate(records, 1) if (p := check_result(r))]

@@ -3,10 +3,11 @@
     python tools/predict_medical.py RUN_DIR IMAGE [IMAGE ...] --out DIR
 
 The run directory holds what the adapter was trained with: ``config.yaml`` (model, head, data options) and
-``adapter/``. The intensity rule, orientation and spacing are rebuilt from it (and written beside the adapter as
-``adapter/preprocessing.json``, the record a copied adapter keeps), so a new image gets exactly the normalisation
-the adapter was trained on; each prediction is resampled back to its image's grid and saved with its affine and
-header (``<name>_pred.nii.gz``).
+``adapter/`` (with ``preprocessing.json``, the record a copied adapter keeps). The intensity rule, orientation and
+spacing are rebuilt from them, so a new image gets exactly the normalisation the adapter was trained on; each
+prediction is resampled back to its image's grid and saved with its affine and header (``<name>_pred.nii.gz``).
+The run directory is only read, never written: it may be read-only or shared. An image the medical data check
+refuses (NaN voxels, another number of axes, unreadable) stops the command with every problem listed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import vpeft
 from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.train import CONFIG, seed_everything
+from vpeft.errors import ConfigError, MissingFileError
 from vpeft.medical.inference import save_prediction
 from vpeft.medical.preprocess import Preprocessing
 from vpeft.medical.volumes import load_volumes
@@ -32,18 +34,17 @@ def predict(run_dir: str | os.PathLike, images: list[str], out_dir: str | os.Pat
     """Predict each image file with the run's adapter; returns the written prediction files."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / CONFIG).is_file():
-        raise FileNotFoundError(f"{run_dir / CONFIG} does not exist: {run_dir} is not a run directory.")
+        raise MissingFileError(f"{run_dir / CONFIG} does not exist: {run_dir} is not a run directory.")
     cfg = load_config(run_dir / CONFIG)
     seed_everything(cfg.train.seed, False)  # the backbone's random init, when there is no pretrained file
     task = build_task(cfg)
     if cfg.task != "medical_segmentation":
-        raise ValueError(f"{run_dir} is a {cfg.task!r} run, not medical_segmentation.")
+        raise ConfigError(f"{run_dir} is a {cfg.task!r} run, not medical_segmentation.")
     task.resolve_classes()
     stored = run_dir / "adapter" / "preprocessing.json"
     prep = Preprocessing.load(stored.parent) if stored.is_file() else task.preprocessing
     if prep != task.preprocessing:
-        raise ValueError(f"{stored} differs from the run's config.yaml data options; which one was trained on?")
-    prep.save(stored.parent)
+        raise ConfigError(f"{stored} differs from the run's config.yaml data options; which one was trained on?")
     model = task.build_model()
     vpeft.load_adapter(model, run_dir / "adapter")
     model.eval()
