@@ -17,6 +17,7 @@ from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.distributed import setup
 from vpeft.engine.train import CONFIG, build_run
+from vpeft.errors import MissingFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
     args = parser.parse_args(argv)
     if not (args.run_dir / CONFIG).is_file():
-        parser.error(f"{args.run_dir / CONFIG} does not exist: {args.run_dir} is not a run directory")
+        raise MissingFileError(f"{args.run_dir / CONFIG} does not exist: {args.run_dir} is not a run directory.")
     cfg = load_config(args.run_dir / CONFIG, [f"data.test_split={args.split}"] if args.split else [])
     task, model, datasets = build_run(cfg)
     vpeft.load_adapter(model, args.run_dir / "adapter")
