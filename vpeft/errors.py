@@ -38,6 +38,10 @@ class ExistingPathError(UserError, FileExistsError):
     """A file or folder the user named already holds something else (a run, other data) that vpeft will not replace."""
 
 
+class DivergedError(UserError, FloatingPointError):
+    """Training stopped on a NaN or infinite loss: the learning rate, the precision or the data need a change."""
+
+
 class ArgumentTypeError(UserError, TypeError):
     """A value of the wrong type passed to a vpeft function (a name where the model is expected)."""
 

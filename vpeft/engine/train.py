@@ -31,7 +31,7 @@ import vpeft
 from ..core import io
 from ..files import atomic_write
 from ..data import build_loader
-from ..errors import ConfigError, ExistingPathError, MissingFileError
+from ..errors import ConfigError, DivergedError, ExistingPathError, MissingFileError
 from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -99,9 +99,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, forc
                 if extra is not None:
                     loss = loss + extra
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. The last good "
-                    f"checkpoint is {run_dir / CHECKPOINT}. Lower optim.lr or set optim.grad_clip."
+                kept = (run_dir / CHECKPOINT).is_file()
+                raise DivergedError(
+                    f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. "
+                    + (f"The last good checkpoint is {run_dir / CHECKPOINT}. " if kept else "No epoch had finished. ")
+                    + "Lower optim.lr or set optim.grad_clip."
                 )
             # a short last group at the end of the epoch averages over its own micro-batches
             group = min(cfg.optim.accumulate, len(loader) - i // cfg.optim.accumulate * cfg.optim.accumulate)
