@@ -1,6 +1,7 @@
 """The command-line tools as users meet them: a mistake is one ``error:`` paragraph and exit status 2, never a
-traceback; nothing wrong is accepted silently. Each test runs a tool's real ``main`` through :func:`vpeft.engine.cli.run`
-(what ``python tools/X.py`` does), or the command itself in a subprocess with this interpreter."""
+traceback; nothing wrong is accepted silently. Each test runs a tool's real ``main`` through
+:func:`vpeft.engine.cli.run` (what ``python tools/X.py`` does), or the command itself in a subprocess with this
+interpreter."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def assert_user_error(code: int, err: str, *named: str) -> str:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under ``folder`` with its modification time and contents."""
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
 
 
 # -- the runner itself -------------------------------------------------------------------------------------------
@@ -162,12 +164,15 @@ def list_dataset(root: Path) -> Path:
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
         good.append(f"images/{i}.png {i % 2}")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "images" / "photo.jpg")
+    photo = (root / "images" / "photo.jpg").read_bytes()
+    (root / "images" / "cut.jpg").write_bytes(photo[: len(photo) * 2 // 3])
     Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(root / "images" / "deep.png")
     whole = (root / "images" / "0.png").read_bytes()
     (root / "images" / "cut.png").write_bytes(whole[: len(whole) // 2])
     Image.fromarray(np.full((16, 16), np.nan, np.float32)).save(root / "images" / "float.tif")
-    bad = ["images/cut.png 0", "images/float.tif 1", "images/gone.png 0"]
-    (root / "train800.txt").write_text("\n".join([*good, "images/deep.png 1", *bad]) + "\n")
+    bad = ["images/cut.png 0", "images/float.tif 1", "images/gone.png 0", "images/cut.jpg 1"]
+    (root / "train800.txt").write_text("\n".join([*good, "images/deep.png 1", "images/photo.jpg 0", *bad]) + "\n")
     (root / "val200.txt").write_text("\n".join(good[:2]) + "\n")
     (root / "test.txt").write_text("\n".join(good[2:]) + "\n")
     return root
@@ -178,9 +183,9 @@ def test_data_check_lists_every_bad_image_at_once(tmp_path, capsys):
     data = {"name": "list", "root": str(root), "train_split": "train800", "val_split": "val200", "num_workers": 0}
     config = write_config(tmp_path / "tiny.yaml", data=data)
     code, err = run(train_tool.main, [config, "--work-dir", tmp_path / "run"], capsys)
-    text = assert_user_error(code, err, "3 problems", "cut.png", "float.tif", "gone.png")
-    assert "Truncated" in text and "pixel mode F" in text and "FileNotFoundError" in text
-    assert "deep.png" not in text  # a 16-bit PNG is read, scaled by its depth
+    text = assert_user_error(code, err, "4 problems", "cut.png", "float.tif", "gone.png", "cut.jpg")
+    assert "Truncated" in text and "pixel mode F" in text and "FileNotFoundError" in text and "truncated" in text
+    assert "deep.png" not in text and "photo.jpg" not in text  # a 16-bit PNG is read, scaled by its depth
     (root / "train800.txt").write_text("\n".join(f"images/{i}.png {i % 2}" for i in range(6)) + "\nimages/deep.png 1\n")
     assert run(train_tool.main, [config, "--work-dir", tmp_path / "run2"], capsys)[0] == 0
 
@@ -302,11 +307,11 @@ def test_truncated_datalist_is_named(tmp_path, capsys):
 def test_predict_only_reads_the_run_directory(tmp_path, medical_run):
     image = sorted((medical_run.parent / "data" / "imagesTr").glob("*.nii.gz"))[0]
     before = snapshot(medical_run)
-    os.system(f"chmod -R a-w {medical_run}")  # what a shared, read-only run looks like (root writes through it)
+    subprocess.run(["chmod", "-R", "a-w", str(medical_run)], check=True)  # a shared run (root writes through it)
     try:
         (out,) = predict_medical.predict(medical_run, [str(image)], tmp_path / "pred")
     finally:
-        os.system(f"chmod -R u+w {medical_run}")
+        subprocess.run(["chmod", "-R", "u+w", str(medical_run)], check=True)
     assert snapshot(medical_run) == before  # no file added, removed, rewritten or touched
     assert nib.load(str(out)).shape == nib.load(str(image)).shape
 

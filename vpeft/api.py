@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .core import Report, build_config, inject, io
-from .errors import ArgumentTypeError
+from .errors import ArgumentTypeError, DataError
 from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS
 from .registry import lookup
@@ -52,7 +52,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     try:
         report = inject.add_adapter(model, cls, meta["method"], config, name, prepared=True)
     except ValueError as err:
-        raise ValueError(f"cannot load the adapter in {directory} (saved from {meta['model_class']}): {err}") from None
+        raise DataError(f"cannot load the adapter in {directory} (saved from {meta['model_class']}): {err}") from None
     try:
         io.load_tensors(model, name, tensors, str(directory))
     except Exception:

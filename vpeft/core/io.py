@@ -126,7 +126,7 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], source
             lines.append(f"  {len(missing)} tensors the model expects are not in the file, e.g. {missing[:5]}")
         if unexpected:
             lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:5]}")
-        raise ValueError("\n".join(lines))
+        raise DataError("\n".join(lines))
     with torch.no_grad():
         for k, v in live.items():
             v.copy_(tensors[k].to(v.dtype))

@@ -8,8 +8,8 @@ classification task calls :func:`check_image_datasets` on its splits as it build
 - files (datasets with ``samples``, a list of ``(path, label)``: ``folder``, ``list``, ``vtab``, ``fgvc``): each opens
   (its header names a format), has a pixel mode :func:`~vpeft.data.common.load_rgb` reads (8-bit, or 16-bit scaled
   by its depth; not float, whose range and NaNs are unknown), and is whole. Whole costs little: a PNG's chunk
-  checksums are read without inflating its pixels, a JPEG is decoded at 1/8 scale (the entropy-coded data is read
-  to the end), any other format is decoded.
+  checksums are read without inflating its pixels, a JPEG must end with its end-of-image marker (only one that does
+  not is decoded, at 1/8 scale, to tell a trailer from a cut), any other format is decoded.
 
 :func:`listing` formats any such list; the medical data check (:mod:`vpeft.medical.volumes`) uses it too.
 """
@@ -58,6 +58,12 @@ def check_image_datasets(datasets: Mapping[str, Any], num_classes: int, classes_
         raise DataError(listing(f"the data has {len(problems)} problems", problems))
 
 
+def _ends_with_end_marker(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 64))
+        return f.read().rstrip(b"\0\r\n ").endswith(b"\xff\xd9")
+
+
 def image_file_problem(path: Path) -> str | None:
     """What is wrong with the image file ``path`` (named in the text), or None if it can be read whole."""
     try:
@@ -70,8 +76,9 @@ def image_file_problem(path: Path) -> str | None:
             if image.format == "PNG":
                 image.verify()
             elif image.format == "JPEG":
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
+                if not _ends_with_end_marker(path):  # cut short, or a trailer after the image: decoding tells which
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                    image.load()
             else:
                 image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

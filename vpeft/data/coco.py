@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -42,6 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import ConfigError, DataError, MissingFileError
 from ..registry import lookup
+from .common import load_rgb
 from .shapes import write_shapes
 
 log = logging.getLogger("vpeft")
@@ -84,8 +84,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Target]:
         info = self.images[index]
-        with Image.open(self.root / info["file_name"]) as img:
-            image = TF.to_image(img.convert("RGB"))  # (3, H, W) uint8
+        image = TF.to_image(load_rgb(self.root / info["file_name"]))  # (3, H, W) uint8
         size = (int(info["height"]), int(info["width"]))
         if tuple(image.shape[-2:]) != size:
             raise DataError(

@@ -74,7 +74,9 @@ def _box(mask: np.ndarray) -> Box:
 def render_scene(rng: np.random.Generator, size: int = 64, max_shapes: int = 4) -> Scene:
     """One scene of 1..``max_shapes`` shapes drawn from ``rng`` (the same generator state gives the same scene)."""
     if size < 8 or max_shapes < 1:
-        raise ConfigError(f"render_scene needs size >= 8 and max_shapes >= 1, got size={size}, max_shapes={max_shapes}.")
+        raise ConfigError(
+            f"render_scene needs size >= 8 and max_shapes >= 1, got size={size}, max_shapes={max_shapes}."
+        )
     owner = np.full((size, size), -1, np.int64)  # index of the instance that shows at each pixel
     classes: list[int] = []
     for _ in range(rng.integers(1, max_shapes + 1)):

@@ -66,7 +66,9 @@ def read_datalist(path: str | os.PathLike, split: str, root: str | os.PathLike |
     data = _read_json(path)
     if split not in data:
         lists = [k for k, v in data.items() if isinstance(v, list)]
-        raise UnknownNameError(f"datalist {path} has no split {split!r}; its lists are {lists}. Set data.train_split etc.")
+        raise UnknownNameError(
+            f"datalist {path} has no split {split!r}; its lists are {lists}. Set data.train_split etc."
+        )
     base = Path(root) if root is not None else path.parent
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base)
 

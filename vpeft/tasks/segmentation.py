@@ -103,7 +103,9 @@ class SegmentationTask(Task):
         if slide is not None:
             unknown = set(slide) - {"crop", "stride"} if isinstance(slide, dict) else {"(not a mapping)"}
             if unknown or "crop" not in slide:
-                raise ConfigError(f"model.head.slide takes {{crop, stride}} (stride defaults to 2/3 crop), got {slide}.")
+                raise ConfigError(
+                    f"model.head.slide takes {{crop, stride}} (stride defaults to 2/3 crop), got {slide}."
+                )
             crop = _pair(slide["crop"], "crop")
             slide = {"crop": crop, "stride": _pair(slide.get("stride", [max(c * 2 // 3, 1) for c in crop]), "stride")}
         self.slide = slide
