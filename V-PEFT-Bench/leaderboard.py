@@ -24,6 +24,9 @@ from vbench.report import read_jsonl, write_leaderboard  # noqa: E402
 from vbench.runner import check_result, collect  # noqa: E402
 from vbench.suite import load_suite  # noqa: E402
 
+from vpeft.engine import cli  # noqa: E402
+from vpeft.errors import MissingFileError  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="leaderboard folder")
     args = parser.parse_args(argv)
     suite = load_suite(args.suite)
+    if not args.results.exists():
+        raise MissingFileError(f"--results {args.results} does not exist; give a results folder or a runs.jsonl.")
     if args.results.is_file():
         records = read_jsonl(args.results)
         bad = [(i, p) for i, r in enumerate(records, 1) if (p := check_result(r))]
@@ -50,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,6 +12,7 @@ leaderboard.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -46,12 +47,15 @@ def main() -> None:
                 (name, s["trainable_params"], s["test"]["top1"], s["wall_seconds"], " ".join(SCALED.get(name, [])))
             )
             print(f"{name}: {s['test']['top1']:.2f}%", flush=True)
+    chosen = ["--methods", args.methods] if args.methods != "all" else []
+    command = shlex.join(["python", "V-PEFT-Bench/offline_methods.py", *chosen])
     linear = next((top1 for name, _, top1, *_ in rows if name == "linear"), None)
     lines = [
         "# Every method on the offline quickstart task",
         "",
-        "`python V-PEFT-Bench/offline_methods.py`: `configs/quickstart.yaml` (Fashion-MNIST-pretrained tiny ViT ->",
-        "scikit-learn digits, 15 epochs, seed 0, CPU) with `--set method.name=<method>`.",
+        f"`{command}`: `configs/quickstart.yaml` (Fashion-MNIST-pretrained tiny ViT -> scikit-learn digits, 15 epochs,",
+        "seed 0, CPU) with `--set method.name=<method>`. The `lora` row is the quickstart's LoRA run",
+        "(`bash tools/quickstart.sh`), the `linear` row its linear probe: this table is generated, never edited.",
         "",
         "| method | trainable | test top-1 | vs linear probe | wall s | scaled options |",
         "| --- | ---: | ---: | ---: | ---: | --- |",

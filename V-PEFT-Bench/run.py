@@ -38,6 +38,8 @@ from vbench.runner import collect, execute  # noqa: E402
 from vbench.suite import load_suite, resolve_tasks  # noqa: E402
 
 import vpeft  # noqa: E402
+from vpeft.engine import cli  # noqa: E402
+from vpeft.engine.config import ConfigError, load_config  # noqa: E402
 from vpeft.methods import METHODS  # noqa: E402
 from vpeft.registry import lookup  # noqa: E402
 
@@ -92,6 +94,17 @@ def run_unit(args, suite, task, method, seeds, recipe: Path, out: Path) -> int:
     return failed
 
 
+def check_method(suite, protocol: str, task, method, seeds, user_set, recipe: Path) -> None:
+    """Load the run config of ``method``'s first final run, as :func:`execute` will: unknown names and options, with
+    close matches, are an error here instead of one failed run per task and seed."""
+    lookup(METHODS, method.name, "method")
+    run = final_runs(suite, protocol, task, method, seeds[:1], (), user_set)[0]
+    try:
+        load_config(recipe, list(run.overrides))
+    except ConfigError as err:
+        raise ConfigError(f"--methods {method.label}: {err}") from None
+
+
 def _spawn_shards(argv: list[str], jobs: int) -> int:
     """Run ``jobs`` copies of this command, each on every ``jobs``-th (method, task) with one thread; 0 if all ok."""
     base = [sys.executable, str(Path(__file__).resolve()), *argv, "--threads", "1", "--no-leaderboard"]
@@ -139,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = resolve_tasks(suite, args.tasks.split(",") if args.tasks else None, data_root)
     names = vpeft.list_methods() if args.methods == "all" else args.methods.split(",")
     methods = [parse_method(m) for m in names]
-    for method in methods:
-        lookup(METHODS, method.name, "method")  # unknown names stop before any run, with close matches
     seeds = parse_seeds(args.seeds, suite)
     index, count = (int(x) for x in args.shard.split("/"))
     out = (args.out or ROOT / "work_dirs" / "bench" / suite.name).resolve()
     recipe = suite.recipe_path()
+    for method in methods:  # a wrong name or option stops before any run (and before --dry-run lists them)
+        check_method(suite, args.protocol, tasks[0], method, seeds, args.set, recipe)
     spec = suite.protocols[args.protocol]
     if args.shard == "0/1":  # the parent of --jobs shards prints the plan once
         print(f"suite {suite.name}: {len(tasks)} tasks x {len(methods)} methods x seeds {seeds}; {args.protocol}")
@@ -174,4 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

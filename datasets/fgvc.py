@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from vpeft.data.fgvc import FGVC, SPLITS, FgvcSpec, read_split, resolve_fgvc, verify_fgvc  # noqa: E402
+from vpeft.engine import cli  # noqa: E402
 
 
 def split_dir(splits: Path, spec: FgvcSpec) -> Path:
@@ -118,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

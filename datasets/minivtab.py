@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 from vpeft.data.common import FASHION_MNIST_ROOT, balanced_subset, check_root, gray_to_rgb  # noqa: E402
 from vpeft.data.fashion_mnist import read_idx  # noqa: E402
 from vpeft.data.vtab import MINIVTAB, write_task  # noqa: E402
+from vpeft.engine import cli  # noqa: E402
 
 SIZE = 32  # canvas of the procedural and MONAI tasks
 Item = tuple[Image.Image, int]
@@ -277,4 +278,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

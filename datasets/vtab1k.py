@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 from vpeft.files import atomic_write  # noqa: E402
 from vpeft.data.folder import read_list  # noqa: E402
 from vpeft.data.vtab import SPLITS, SUITES, VtabTask, resolve_task, task_folder, verify_task  # noqa: E402
+from vpeft.engine import cli  # noqa: E402
 
 
 def _candidates(src: Path) -> list[Path]:
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -21,11 +21,20 @@ def headline(summary: dict[str, Any]) -> tuple[str, float]:
     metric = summary.get("metric", "top1")
     return metric, summary["test"][metric]
 
+from vpeft.engine import cli
+from vpeft.errors import MissingFileError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    strangers = [str(run) for run in args.runs if not (run / "config.yaml").is_file()]
+    if strangers:
+        raise MissingFileError(
+            f"{len(strangers)} of the paths are not run directories (no config.yaml): {', '.join(strangers)}. "
+            "Give the --work-dir of runs made by tools/train.py."
+        )
     print(f"{'run':<28} {'task':<20} {'method':<12} {'trainable':>10} {'+head':>10} {'test metric':>16} {'wall s':>8}")
     for run in args.runs:
         path = run / "summary.json"
@@ -42,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

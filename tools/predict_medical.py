@@ -3,10 +3,11 @@
     python tools/predict_medical.py RUN_DIR IMAGE [IMAGE ...] --out DIR
 
 The run directory holds what the adapter was trained with: ``config.yaml`` (model, head, data options) and
-``adapter/``. The intensity rule, orientation and spacing are rebuilt from it (and written beside the adapter as
-``adapter/preprocessing.json``, the record a copied adapter keeps), so a new image gets exactly the normalisation
-the adapter was trained on; each prediction is resampled back to its image's grid and saved with its affine and
-header (``<name>_pred.nii.gz``).
+``adapter/`` (with ``preprocessing.json``, the record a copied adapter keeps). The intensity rule, orientation and
+spacing are rebuilt from them, so a new image gets exactly the normalisation the adapter was trained on; each
+prediction is resampled back to its image's grid and saved with its affine and header (``<name>_pred.nii.gz``).
+The run directory is only read, never written: it may be read-only or shared. An image the medical data check
+refuses (NaN voxels, another number of axes, unreadable) stops the command with every problem listed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from pathlib import Path
 import torch
 
 from vpeft.engine.run_dir import open_run
+import vpeft
+from vpeft.engine import cli
+from vpeft.engine.config import load_config
+from vpeft.engine.train import CONFIG, seed_everything
+from vpeft.errors import ConfigError, MissingFileError
 from vpeft.medical.inference import save_prediction
 from vpeft.medical.preprocess import Preprocessing
 from vpeft.medical.volumes import load_volumes
@@ -32,8 +38,7 @@ def predict(run_dir: str | os.PathLike, images: list[str], out_dir: str | os.Pat
     stored = run_dir / "adapter" / "preprocessing.json"
     prep = Preprocessing.load(stored.parent) if stored.is_file() else task.preprocessing
     if prep != task.preprocessing:
-        raise ValueError(f"{stored} differs from the run's config.yaml data options; which one was trained on?")
-    prep.save(stored.parent)
+        raise ConfigError(f"{stored} differs from the run's config.yaml data options; which one was trained on?")
     model.eval()
     volumes = load_volumes([{"image": str(p)} for p in images], prep, len(task.classes), task.data.channels)
     written = []
@@ -57,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

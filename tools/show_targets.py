@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import timm
 
 import vpeft
+from vpeft.backbones import check_timm_name
+from vpeft.engine import cli
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -25,7 +28,7 @@ def parse_option(text: str) -> tuple[str, object]:
         return key, value  # a bare string such as targets=attn.qkv
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="timm model name, e.g. vit_base_patch16_224")
     parser.add_argument("method", help=f"one of: {', '.join(vpeft.list_methods())}")
@@ -38,10 +41,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help='method options, values in JSON (r=16, targets=\'["q","v"]\')',
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_timm_name(args.model, "timm model")
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
     print(vpeft.apply_method(model, args.method, **dict(args.set)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

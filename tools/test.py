@@ -12,6 +12,12 @@ from pathlib import Path
 
 from vpeft.engine.run_dir import evaluate_run
 from vpeft.files import atomic_write
+from vpeft.data import build_loader
+from vpeft.engine import cli
+from vpeft.engine.config import load_config
+from vpeft.engine.distributed import setup
+from vpeft.engine.train import CONFIG, build_run
+from vpeft.errors import MissingFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

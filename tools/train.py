@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.train import resume_config, train
 
@@ -55,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

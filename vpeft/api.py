@@ -10,6 +10,8 @@ from torch import nn
 
 from . import core
 from .core import Report, add_adapter, build_config, load_adapter_tensors, read_adapter, write_adapter
+from .core import Report, build_config, inject, io
+from .errors import ArgumentTypeError, DataError
 from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS
 from .registry import lookup
@@ -30,6 +32,7 @@ def apply_method(
     ``calibration`` is an iterable of ``(inputs, targets)`` batches for methods that decide from data (SPT...).
     A second call with another ``adapter_name`` adds a second adapter (with its own head) and activates it.
     """
+    _check_model(model, "apply_method", method)
     cls = lookup(METHODS, method, "method")
     config = build_config(cls.Config, options, method)
     return add_adapter(model, cls, method, config, adapter_name, calibration)
@@ -42,6 +45,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Report:
     """Rebuild the saved method on ``model`` and load its tensors; on any mismatch the model is left unchanged."""
+    _check_model(model, "load_adapter", directory)
     meta, tensors = read_adapter(directory)
     name = adapter_name or meta["adapter_name"]
     cls = lookup(METHODS, meta["method"], "method")
@@ -49,13 +53,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     try:
         report = add_adapter(model, cls, meta["method"], config, name, prepared=True)
     except ValueError as err:
-        raise ValueError(f"cannot load the adapter in {directory} (saved from {meta['model_class']}): {err}") from None
+        raise DataError(f"cannot load the adapter in {directory} (saved from {meta['model_class']}): {err}") from None
     try:
         load_adapter_tensors(model, name, tensors, str(directory))
     except Exception:
         core.delete_adapter(model, name)
         raise
     return report
+
+
+def _check_model(model: Any, call: str, second: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            f"vpeft.{call} takes the model (a torch.nn.Module) first, got {type(model).__name__} {model!r:.60}; "
+            f"call vpeft.{call}(model, {second!r}, ...)."
+        )
 
 
 merge = core.merge

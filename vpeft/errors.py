@@ -3,7 +3,8 @@
 A :class:`UserError` says in one paragraph what is wrong, where (file, config key, path, option) and what would be
 right. The command-line tools print that paragraph and exit with status 2; any other exception is a bug and keeps its
 traceback. Each subclass also derives from the built-in exception the same mistake has always raised (``ValueError``,
-``FileNotFoundError``, ``KeyError``, ``ImportError``), so ``except ValueError:`` in a user's code keeps working.
+``FileNotFoundError``, ``FileExistsError``, ``KeyError``, ``ImportError``), so ``except ValueError:`` in a user's code
+keeps working.
 This module imports nothing from vpeft, so every layer, the core included, may raise these.
 """
 
@@ -31,6 +32,18 @@ class DataError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named, or the run needs, is not there."""
+
+
+class ExistingPathError(UserError, FileExistsError):
+    """A file or folder the user named already holds something else (a run, other data) that vpeft will not replace."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training stopped on a NaN or infinite loss: the learning rate, the precision or the data need a change."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """A value of the wrong type passed to a vpeft function (a name where the model is expected)."""
 
 
 class MissingDependencyError(UserError, ImportError):

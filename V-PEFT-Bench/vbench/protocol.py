@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vpeft.errors import ConfigError
+
 from .suite import Protocol, Suite, TaskRef
 
 PROTOCOLS = ("standard", "literature")
@@ -53,7 +55,7 @@ def parse_method(text: str) -> MethodRef:
     name, *options = text.strip().split(":")
     for option in options:
         if "=" not in option:
-            raise ValueError(f"method {text!r}: option {option!r} is not key=value (e.g. lora:r=16)")
+            raise ConfigError(f"method {text!r}: option {option!r} is not key=value (e.g. lora:r=16)")
     return MethodRef(text.strip(), name, tuple(f"method.{o}" for o in options))
 
 
@@ -163,9 +165,9 @@ def parse_seeds(text: str, suite: Suite) -> list[int]:
     if "," not in text and text.strip().isdigit():
         count = int(text)
         if not 1 <= count <= len(suite.seeds):
-            raise ValueError(f"--seeds {count}: suite {suite.name!r} lists {len(suite.seeds)} seeds {suite.seeds}")
+            raise ConfigError(f"--seeds {count}: suite {suite.name!r} lists {len(suite.seeds)} seeds {suite.seeds}")
         return suite.seeds[:count]
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: give a count (3) or a comma-separated list (42,44)") from None
+        raise ConfigError(f"--seeds {text!r}: give a count (3) or a comma-separated list (42,44)") from None

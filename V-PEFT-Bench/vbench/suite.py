@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vpeft.data.fgvc import FGVC, resolve_fgvc
 from vpeft.data.vtab import SUITES, VtabTask, resolve_task, task_folder
+from vpeft.errors import ConfigError, MissingFileError, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE_DIR = ROOT / "configs" / "bench"
@@ -76,15 +77,15 @@ def load_suite(name_or_path: str) -> Suite:
         path = SUITE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"suite {name_or_path!r}: {path} does not exist; known suites: {', '.join(known)}")
+        raise MissingFileError(f"suite {name_or_path!r}: {path} does not exist; known suites: {', '.join(known)}")
     data = yaml.safe_load(path.read_text()) or {}
     try:
         suite = Suite.model_validate({**data, "name": path.stem, "path": path})
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_url=False))
-        raise ValueError(f"suite file {path}: {problems}") from None
+        raise ConfigError(f"suite file {path}: {problems}") from None
     if suite.tasks not in TABLES:
-        raise ValueError(f"suite file {path}: tasks {suite.tasks!r} is not one of {', '.join(TABLES)}")
+        raise ConfigError(f"suite file {path}: tasks {suite.tasks!r} is not one of {', '.join(TABLES)}")
     return suite
 
 
@@ -136,5 +137,5 @@ def resolve_tasks(suite: Suite, names: list[str] | None, data_root: Path) -> lis
             if any((folder / f"{s}.txt").is_file() for s in ("train800", "train800val200")):
                 refs.append(TaskRef(name, "custom", folder, ("data.name=vtab",)))
                 continue
-            raise KeyError(f"{err.args[0]} No folder {folder} with VTAB list files either.") from None
+            raise UnknownNameError(f"{err.args[0]} No folder {folder} with VTAB list files either.") from None
     return refs

@@ -24,7 +24,7 @@ def test_two_processes_match_one(tmp_path):
     # BitFit and no drop path: no randomness inside the step, so the comparison is exact up to summation order
     path.write_text(TINY.replace("name: lora", "name: bitfit"))
     one = engine.train(load_config(path, ["train.epochs=1"]), tmp_path / "one")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # this tree's vpeft, not an installed one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tools" / "train.py"), str(path), "--work-dir", str(tmp_path / "two"),
            "--set", "train.epochs=1", "data.batch_size=64"]  # fmt: skip

@@ -21,13 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ConfigError
 from ..registry import lookup
 from .base import POOLS, Backbone
 from .checkpoint import HUB_PREFIXES, load_pretrained, no_download, read_state_dict
 from .hf import HFBackbone, build_hf
 from .open_clip import OpenClipBackbone, build_open_clip
 from .sam import SamBackbone, build_sam
-from .timm import TimmBackbone, build_timm
+from .timm import TimmBackbone, build_timm, check_timm_name
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "timm": build_timm,
@@ -40,7 +41,7 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 def build_backbone(name: str, pretrained: str | None = None, strict: bool = True, **kwargs: Any) -> Backbone:
     """``family:model`` (``timm`` when no family is given); ``kwargs`` go to the family's builder."""
     if name.startswith(HUB_PREFIXES) or name.startswith("local-dir:"):
-        raise ValueError(no_download("model.name", name))
+        raise ConfigError(no_download("model.name", name))
     family, colon, model = name.partition(":")
     if not colon:
         family, model = "timm", name
@@ -59,6 +60,7 @@ __all__ = [
     "SamBackbone",
     "TimmBackbone",
     "build_backbone",
+    "check_timm_name",
     "load_pretrained",
     "read_state_dict",
 ]

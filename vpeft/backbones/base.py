@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 POOLS = ("token", "avg", "both")
 
 
@@ -71,13 +73,13 @@ class Backbone(nn.Module):
         size, p = tuple(x.shape[-2:]), self.patch_size
         if size[0] % p or size[1] % p:
             fit = tuple(max(p, round(s / p) * p) for s in size)
-            raise ValueError(
+            raise ConfigError(
                 f"input size {size[0]}x{size[1]} is not a multiple of the patch size {p} of {type(self).__name__}; "
                 f"resize or pad to a multiple, e.g. {fit[0]}x{fit[1]}."
             )
         if self.input_size is not None and size != tuple(self.input_size):
             h, w = self.grid(self.input_size)
-            raise ValueError(
+            raise ConfigError(
                 f"input size {size[0]}x{size[1]} (grid {size[0] // p}x{size[1] // p}) differs from the "
                 f"{self.input_size[0]}x{self.input_size[1]} (grid {h}x{w}) that this {type(self).__name__} was built "
                 f"for, and its position embedding has a fixed grid. Build it with img_size={size[0]} (model.img_size):"
@@ -117,14 +119,14 @@ class Backbone(nn.Module):
     def pool(self, tokens: Tensor, kind: str = "token") -> Tensor:
         """(B, N, C) tokens -> (B, C) (``token``, ``avg`` over the patch tokens) or (B, 2C) (``both``)."""
         if kind not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {kind!r}.")
+            raise ConfigError(f"pool must be one of {POOLS}, got {kind!r}.")
         if tokens.dim() == 4:  # a grid encoder's (B, C, h, w): only the average exists
             if kind != "avg":
-                raise ValueError(f"{type(self).__name__} has no class token; use pool='avg'.")
+                raise ConfigError(f"{type(self).__name__} has no class token; use pool='avg'.")
             return tokens.mean(dim=(2, 3))
         prefix = self.num_prefix_tokens
         if kind != "avg" and prefix == 0:
-            raise ValueError(f"{type(self).__name__} has no class token; use pool='avg'.")
+            raise ConfigError(f"{type(self).__name__} has no class token; use pool='avg'.")
         cls, avg = tokens[:, 0], tokens[:, prefix:].mean(dim=1)
         if kind == "token":
             return cls
@@ -134,7 +136,7 @@ class Backbone(nn.Module):
         depth = self.depth
         bad = [i for i in indices if not -depth <= i < depth]
         if bad or not indices:
-            raise ValueError(
+            raise ConfigError(
                 f"feature indices {list(indices)} do not fit a backbone with {depth} blocks; use 0..{depth - 1} "
                 "(or negative indices from the end)."
             )

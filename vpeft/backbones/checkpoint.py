@@ -25,9 +25,12 @@ Loading goes in four steps:
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
+from ..errors import ConfigError, DataError, MissingFileError
 from . import open_clip as open_clip_family
 from . import sam as sam_family
 from .base import Backbone
@@ -55,33 +59,45 @@ def no_download(what: str, value: str) -> str:
     )
 
 
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that holds pickled code, or is not a whole torch file, raises a
+    :class:`DataError` naming it. The code never runs, and the unsafe load is never suggested."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(err), re.DOTALL)
+        what = " ".join(found.group(1).split()) if found else "not plain tensors and containers"
+        raise DataError(
+            f"{path} cannot be loaded safely: it holds pickled objects or code ({what}), which vpeft never runs. If "
+            "the file is yours, save its tensors again as .safetensors (safetensors.torch.save_file) with a trusted "
+            "copy of the code that made it."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:  # a truncated zip archive, or not a torch file at all
+        first = str(err).strip().split(". ")[0] or type(err).__name__
+        raise DataError(f"{path} is not a whole torch checkpoint ({first}); was it truncated?") from None
+
+
 def read_state_dict(path: str | Path) -> State:
     """The tensors of a checkpoint file, unwrapped and with the usual prefixes stripped; never unpickles code."""
     if str(path).startswith(HUB_PREFIXES):
-        raise ValueError(no_download("model.pretrained", str(path)))
+        raise ConfigError(no_download("model.pretrained", str(path)))
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.pretrained: {path} does not exist. Give the path of a local checkpoint file (.safetensors, .pth, "
             ".npz); nothing is downloaded."
         )
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     elif path.suffix == ".npz":
-        raise ValueError(f"{path}: .npz checkpoints load through timm's ViT loader; use load_pretrained(model, path).")
+        raise ConfigError(f"{path}: .npz checkpoints load through timm's ViT loader; use load_pretrained(model, path).")
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle.UnpicklingError for files that hold code
-            raise ValueError(
-                f"{path} cannot be loaded safely (torch.load weights_only=True refused it: {err}). "
-                "Convert it to .safetensors with a trusted copy of its code."
-            ) from None
+        state = load_weights_only(path)
     # a training checkpoint holds the weights beside other things (optimizer, epoch): descend into them
     while isinstance(state, dict) and not _is_tensors(state):
         nested = next((state[k] for k in _NESTING if isinstance(state.get(k), dict)), None)
         if nested is None:
-            raise ValueError(
+            raise DataError(
                 f"{path} holds no state dict: its top-level keys are {sorted(state)[:8]}, none of them a tensor or "
                 f"one of {list(_NESTING)}."
             )
@@ -104,7 +120,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     module = model.model if isinstance(model, Backbone) else model
     if Path(path).suffix == ".npz" and not str(path).startswith(HUB_PREFIXES):
         if not hasattr(module, "load_pretrained"):
-            raise ValueError(f"{path}: .npz checkpoints need a timm VisionTransformer, got {type(module).__name__}.")
+            raise ConfigError(f"{path}: .npz checkpoints need a timm VisionTransformer, got {type(module).__name__}.")
         module.load_pretrained(str(path))  # timm's big_vision loader (resamples the position embedding)
         return
     state = read_state_dict(path)
@@ -113,7 +129,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
         try:
             state = convert(state, module)
         except (RuntimeError, AssertionError, KeyError) as err:  # a library converter meeting another layout
-            raise ValueError(
+            raise DataError(
                 f"{path}: {type(module).__module__}'s converter cannot map this checkpoint onto "
                 f"{type(module).__name__} ({type(err).__name__}: {err}). Check model.name and model.kwargs."
             ) from None
@@ -134,7 +150,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
             f"(e.g. {mismatched[:3]})."
         )
         if strict:
-            raise ValueError(f"{message} Check model.name and model.kwargs against the checkpoint.")
+            raise DataError(f"{message} Check model.name and model.kwargs against the checkpoint.")
         log.warning("vpeft: %s Loading the %d tensors that fit (strict=False).", message, len(state))
         state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     module.load_state_dict(state, strict=False)

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..deps import require
+from ..errors import ConfigError, MissingDependencyError, MissingFileError
 from .base import Backbone
 
 _LAYER_LISTS = ("layer", "layers", "h", "blocks")  # BERT/ViT, Llama/Mistral, GPT-2, others
@@ -45,7 +46,7 @@ class HFBackbone(Backbone):
         lists = (n for n, m in modules if isinstance(m, nn.ModuleList) and n.split(".")[-1] in _LAYER_LISTS)
         self.layers_path = next(lists, None)  # a path, not a module: the layers must stay under `model` only
         if self.layers_path is None:
-            raise ValueError(f"{type(model).__name__} has no layer list named one of {_LAYER_LISTS}.")
+            raise ConfigError(f"{type(model).__name__} has no layer list named one of {_LAYER_LISTS}.")
 
     def blocks(self) -> Sequence[nn.Module]:
         return self.model.get_submodule(self.layers_path)
@@ -63,7 +64,7 @@ class HFBackbone(Backbone):
 
     def features(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
         if not self.vision:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.model).__name__} is a language model: it has no image grid to return feature maps on."
             )
         return super().features(x, indices)
@@ -98,12 +99,12 @@ def build_hf(directory: str, img_size: int | None = None, drop_path: float = 0.0
     transformers = _transformers()
     path = Path(directory)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"hf backbone: {path} is not a local model folder (no config.json). Give a directory holding config.json "
             "and model.safetensors (e.g. from `huggingface-cli download <repo> --local-dir <dir>`); nothing is "
             "downloaded."
         )
     if img_size is not None or drop_path:
-        raise ValueError("hf backbones take their size and regularisation from the folder's config.json.")
+        raise ConfigError("hf backbones take their size and regularisation from the folder's config.json.")
     model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
     return HFBackbone(model, path)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deps import require
+from ..errors import ConfigError, DataError, MissingDependencyError
 from .base import Backbone
 
 log = logging.getLogger("vpeft")
@@ -42,12 +43,12 @@ class OpenClipBackbone(Backbone):
         super().__init__(model)
         open_clip = _open_clip()
         if not isinstance(model, open_clip.transformer.VisionTransformer):
-            raise ValueError(
+            raise ConfigError(
                 f"open_clip tower {type(model).__name__} is not open_clip's VisionTransformer; for towers that "
                 "open_clip takes from timm, use the timm name as the backbone."
             )
         if model.attn_pool is not None:
-            raise ValueError("open_clip towers with attentional pooling (CoCa) are not supported as backbones.")
+            raise ConfigError("open_clip towers with attentional pooling (CoCa) are not supported as backbones.")
         model.proj = None  # the image-text projection: not part of the token features (open_clip allows None)
         self.embed_dim = int(model.transformer.width)
         self.patch_size = int(model.patch_size[0])
@@ -82,16 +83,16 @@ def build_open_clip(name: str, img_size: int | None = None, drop_path: float = 0
     config = open_clip.get_model_config(name)
     if config is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
-        raise ValueError(f"unknown open_clip model {name!r}. Close open_clip names: {close or 'none'}.")
+        raise ConfigError(f"unknown open_clip model {name!r}. Close open_clip names: {close or 'none'}.")
     if drop_path:
-        raise ValueError("open_clip image towers have no stochastic depth; leave model.drop_path at 0.")
+        raise ConfigError("open_clip image towers have no stochastic depth; leave model.drop_path at 0.")
     vision = {**config["vision_cfg"], **kwargs, **({"image_size": img_size} if img_size is not None else {})}
     if vision.get("timm_model_name"):
-        raise ValueError(f"open_clip model {name!r} takes its image tower from timm ({vision['timm_model_name']}).")
+        raise ConfigError(f"open_clip model {name!r} takes its image tower from timm ({vision['timm_model_name']}).")
     known = {f.name for f in fields(open_clip.CLIPVisionCfg)}
     unknown = sorted(set(vision) - known)
     if unknown:
-        raise ValueError(f"open_clip vision options {unknown} do not exist; valid ones: {sorted(known)}.")
+        raise ConfigError(f"open_clip vision options {unknown} do not exist; valid ones: {sorted(known)}.")
     model = open_clip.model._build_vision_tower(config["embed_dim"], vision, quick_gelu=config.get("quick_gelu", False))
     return OpenClipBackbone(model)
 
@@ -108,7 +109,7 @@ def convert_checkpoint(state: dict[str, Tensor], model: nn.Module) -> dict[str, 
     if table is not None and hasattr(model, "grid_size") and table.shape != model.positional_embedding.shape:
         side = math.isqrt(table.shape[0] - 1)  # open_clip's resize assumes one class token and a square grid
         if side * side != table.shape[0] - 1 or table.shape[1] != model.positional_embedding.shape[1]:
-            raise ValueError(
+            raise DataError(
                 f"the checkpoint's positional_embedding {tuple(table.shape)} is not a class token plus a square grid "
                 f"of width {model.positional_embedding.shape[1]}, so it cannot be interpolated to the model's grid "
                 f"{model.grid_size[0]}x{model.grid_size[1]}; build the model at the checkpoint's size."

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..deps import require
+from ..errors import ConfigError, MissingDependencyError
 from ..registry import lookup
 from .base import Backbone
 
@@ -95,7 +96,7 @@ def build_sam(name: str, img_size: int | None = None, drop_path: float = 0.0, **
     encoder = _segment_anything().modeling.ImageEncoderViT
     size = lookup(SAM_SIZES, name, "SAM image encoder size")
     if drop_path:
-        raise ValueError("segment_anything's image encoder has no stochastic depth; leave model.drop_path at 0.")
+        raise ConfigError("segment_anything's image encoder has no stochastic depth; leave model.drop_path at 0.")
     options: dict[str, Any] = {
         "img_size": 1024,
         "patch_size": 16,
@@ -113,11 +114,11 @@ def build_sam(name: str, img_size: int | None = None, drop_path: float = 0.0, **
     known = set(inspect.signature(encoder.__init__).parameters) - {"self"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"SAM image encoder options {unknown} do not exist; valid ones: {sorted(known)}.")
+        raise ConfigError(f"SAM image encoder options {unknown} do not exist; valid ones: {sorted(known)}.")
     size, patch = options["img_size"], options["patch_size"]
     if size % patch:
         fit = max(patch, size // patch * patch)
-        raise ValueError(f"SAM img_size {size} is not a multiple of the patch size {patch}; use e.g. {fit}.")
+        raise ConfigError(f"SAM img_size {size} is not a multiple of the patch size {patch}; use e.g. {fit}.")
     return SamBackbone(encoder(**options))
 
 

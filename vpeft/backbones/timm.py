@@ -15,6 +15,7 @@ import timm
 import timm.data
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .base import Backbone
 
 
@@ -24,7 +25,7 @@ class TimmBackbone(Backbone):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         if not isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList):
-            raise ValueError(f"{type(model).__name__} has no transformer `blocks`; vpeft backbones are ViT-family.")
+            raise ConfigError(f"{type(model).__name__} has no transformer `blocks`; vpeft backbones are ViT-family.")
         if hasattr(model, "reset_classifier"):
             model.reset_classifier(0)
         self.embed_dim = int(model.embed_dim)
@@ -51,19 +52,24 @@ class TimmBackbone(Backbone):
         self.model.set_grad_checkpointing(enable)
 
 
-def build_timm(name: str, img_size: int | None = None, drop_path: float = 0.0, **kwargs: Any) -> TimmBackbone:
-    """``timm.create_model(name)`` with random weights and no classifier; ``kwargs`` go to timm."""
+def check_timm_name(name: str, what: str = "timm backbone") -> None:
+    """Refuse a hub tag or a name timm does not know, with the close timm names, before timm is asked to build it."""
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or "/" in name:
-        raise ValueError(
-            f"backbone {name!r} names a hub repository or folder; vpeft never downloads. Use timm's architecture "
+        raise ConfigError(
+            f"{what} {name!r} names a hub repository or folder; vpeft never downloads. Use timm's architecture "
             "name (e.g. vit_base_patch16_224.augreg_in21k) and give the weights file as model.pretrained."
         )
-    if img_size is not None:
-        kwargs["img_size"] = img_size
     architecture = name.split(".")[0]
     if not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
         close = close or timm.list_models(f"*{architecture[:8]}*")[:5]
-        raise ValueError(f"unknown timm backbone {name!r}. Close timm names: {close or 'none'}.")
+        raise ConfigError(f"unknown {what} {name!r}. Close timm names: {close or 'none'}.")
+
+
+def build_timm(name: str, img_size: int | None = None, drop_path: float = 0.0, **kwargs: Any) -> TimmBackbone:
+    """``timm.create_model(name)`` with random weights and no classifier; ``kwargs`` go to timm."""
+    check_timm_name(name)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
     model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **kwargs)
     return TimmBackbone(model)

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import DataError, MissingFileError
 from ..files import atomic_write
 from .config import config_to_dict
 from .inject import adapted_modules, adapter_record, unmerged_adapter
@@ -71,20 +73,33 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{config_path} does not exist: not a vpeft adapter directory (vpeft.save_adapter "
             "writes adapter_config.json and adapter_model.safetensors)."
         )
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{config_path} is not valid JSON ({err}); is it truncated?") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         hint = " It looks like a Hugging Face PEFT adapter: use vpeft.import_hf_peft." if "peft_type" in meta else ""
-        raise ValueError(f"{config_path} is not a vpeft adapter config (format {meta.get('format')!r}).{hint}")
+        raise DataError(f"{config_path} is not a vpeft adapter config (format {meta.get('format')!r}).{hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{config_path} has format_version {meta['format_version']}; this vpeft reads up to "
             f"{FORMAT_VERSION}. Upgrade vpeft."
         )
-    return meta, load_file(str(directory / WEIGHTS_FILE))
+    lacking = [k for k in ("adapter_name", "method", "options", "model_class") if k not in meta]
+    if lacking:
+        raise DataError(f"{config_path} lacks {lacking}: it was edited or is damaged; save the adapter again.")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingFileError(f"{weights} does not exist: the adapter directory {directory} is incomplete.")
+    try:
+        return meta, load_file(str(weights))
+    except SafetensorError as err:
+        raise DataError(f"{weights} cannot be read ({err}); is it truncated? Save the adapter again.") from None
 
 
 def load_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], source: str) -> None:
@@ -108,7 +123,7 @@ def load_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor]
             lines.append(f"  {len(missing)} tensors the model expects are not in the file, e.g. {missing[:5]}")
         if unexpected:
             lines.append(f"  {len(unexpected)} tensors in the file have no place in the model, e.g. {unexpected[:5]}")
-        raise ValueError("\n".join(lines))
+        raise DataError("\n".join(lines))
     with torch.no_grad():
         for k, v in live.items():
             v.copy_(tensors[k].to(v.dtype))

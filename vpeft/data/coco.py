@@ -33,14 +33,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import ConfigError, DataError, MissingFileError
 from ..registry import lookup
+from .common import load_rgb
 from .shapes import write_shapes
 
 log = logging.getLogger("vpeft")
@@ -60,13 +61,13 @@ class CocoDetection(Dataset):
         self.root, self.transforms = Path(images), transforms
         path = Path(annotations)
         if not path.is_file():
-            raise FileNotFoundError(f"COCO annotations {path} do not exist.")
+            raise MissingFileError(f"COCO annotations {path} do not exist.")
         if not self.root.is_dir():
-            raise FileNotFoundError(f"COCO images folder {self.root} does not exist.")
+            raise MissingFileError(f"COCO images folder {self.root} does not exist.")
         coco = json.loads(path.read_text())
         missing = [k for k in ("images", "annotations", "categories") if k not in coco]
         if missing:
-            raise ValueError(f"{path} is not a COCO instances file: it has no {missing}.")
+            raise DataError(f"{path} is not a COCO instances file: it has no {missing}.")
         categories = sorted(coco["categories"], key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in categories]
         self.classes = [str(c["name"]) for c in categories]
@@ -83,11 +84,10 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Target]:
         info = self.images[index]
-        with Image.open(self.root / info["file_name"]) as img:
-            image = TF.to_image(img.convert("RGB"))  # (3, H, W) uint8
+        image = TF.to_image(load_rgb(self.root / info["file_name"]))  # (3, H, W) uint8
         size = (int(info["height"]), int(info["width"]))
         if tuple(image.shape[-2:]) != size:
-            raise ValueError(
+            raise DataError(
                 f"image {info['id']} ({info['file_name']}) is {image.shape[-1]}x{image.shape[-2]} pixels but the json "
                 f"says {size[1]}x{size[0]}; its boxes are in the json's size."
             )
@@ -112,7 +112,7 @@ def _read_annotations(
     position = {}
     for i, info in enumerate(images):
         if not {"id", "file_name", "height", "width"} <= set(info):
-            raise ValueError(f"{path}: image entry {info.get('id', i)} needs id, file_name, height and width.")
+            raise DataError(f"{path}: image entry {info.get('id', i)} needs id, file_name, height and width.")
         position[info["id"]] = i
     label_of = {cid: k + 1 for k, cid in enumerate(category_ids)}
     rows: list[list[tuple[list[float], int, int, float]]] = [[] for _ in images]
@@ -121,9 +121,9 @@ def _read_annotations(
     for ann in annotations:
         ann_id, image_id = ann.get("id"), ann.get("image_id")
         if image_id not in position:
-            raise ValueError(f"{path}: annotation {ann_id} refers to image {image_id}, which is not in `images`.")
+            raise DataError(f"{path}: annotation {ann_id} refers to image {image_id}, which is not in `images`.")
         if ann.get("category_id") not in label_of:
-            raise ValueError(
+            raise DataError(
                 f"{path}: annotation {ann_id} (image {image_id}) has category_id {ann.get('category_id')}; the "
                 f"categories are {category_ids}."
             )
@@ -148,7 +148,7 @@ def _read_annotations(
         area = float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1])))
         rows[position[image_id]].append((box, label_of[ann["category_id"]], int(ann.get("iscrowd", 0)), area))
     if bad:
-        raise ValueError(
+        raise DataError(
             f"{path}: {len(bad)} boxes are degenerate or outside their image, e.g. {'; '.join(bad[:3])}. Fix the "
             "annotations, or pass clip_boxes=True (data.options) to clip boxes to the image and drop degenerate ones."
         )
@@ -211,13 +211,13 @@ DETECTION_DATASETS: dict[str, Callable[..., CocoDetection]] = {"coco": build_coc
 def build_detection_dataset(name: str, root: str | os.PathLike, split: str, train: bool, **options: Any):
     """A registered detection dataset with :func:`detection_transforms` (option ``flip``: training flip chance)."""
     if root is None:
-        raise ValueError(f"data.root is required for the detection dataset {name!r}.")
+        raise ConfigError(f"data.root is required for the detection dataset {name!r}.")
     builder = lookup(DETECTION_DATASETS, name, "detection dataset")
     flip = options.pop("flip", 0.5)
     accepted = [p for p in inspect.signature(builder).parameters if p not in ("root", "split", "transforms")]
     unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"data.options {unknown} are not options of detection dataset {name!r}; it takes {accepted + ['flip']}."
         )
     return builder(root, split, detection_transforms(train, flip), **options)

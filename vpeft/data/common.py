@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from vpeft.data.system import SYSTEM_DATA, install_hint
+from ..errors import ConfigError, DataError, MissingFileError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -56,23 +57,44 @@ def check_root(name: str, root: str | Path | None, path: str | Path | None = Non
     """
     hint = PREPARE_HINTS.get(name, "")
     if root is None:
-        raise FileNotFoundError(f"dataset {name!r} needs a root folder (data.root); none was given. {hint}".strip())
+        raise MissingFileError(f"dataset {name!r} needs a root folder (data.root); none was given. {hint}".strip())
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset {name!r}: root folder {str(root)!r} does not exist. {hint}".strip())
+        raise MissingFileError(f"dataset {name!r}: root folder {str(root)!r} does not exist. {hint}".strip())
     if path is not None:
         full = root / path
         if not full.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"dataset {name!r}: {str(full)!r} does not exist under root {str(root)!r}. {hint}".strip()
             )
     return root
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale modes (a 16-bit PNG opens as I;16)
+
+
+def readable_mode(image: Image.Image) -> bool:
+    """Whether :func:`load_rgb` reads ``image``'s pixels: 8-bit modes, and 16-bit grayscale (a PNG may open as 32-bit
+    ``I``, which holds 16-bit values); float pixels (``F``) and other 32-bit integers have no known range."""
+    return image.mode not in ("F", "I") or (image.mode == "I" and image.format == "PNG")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file with PIL and convert it to RGB (grayscale, palette and RGBA images included)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Open an image file with PIL and convert it to 8-bit RGB (grayscale, palette and RGBA images included).
+
+    16-bit grayscale is scaled by its depth (65535 -> 255): PIL's own conversion would clip it to 255. A file that
+    cannot be decoded, or holds float pixels, raises a :class:`DataError` naming it.
+    """
+    try:
+        with Image.open(path) as image:
+            if not readable_mode(image):
+                raise DataError(f"{path}: pixel mode {image.mode} is not read; save 8-bit or 16-bit images.")
+            if image.mode in SIXTEEN_BIT or image.mode == "I":
+                eight = np.round(np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8)
+                return Image.fromarray(eight).convert("RGB")
+            return image.convert("RGB")
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot be read ({type(err).__name__}: {err}).") from None
 
 
 def gray_to_rgb(array: np.ndarray) -> Image.Image:
@@ -99,7 +121,7 @@ def balanced_subset(labels: Sequence[int] | np.ndarray, size: int, num_classes: 
         Sorted ``int64`` indices into ``labels``.
     """
     if size <= 0:
-        raise ValueError(f"subset must be a positive number of items, got {size}")
+        raise ConfigError(f"subset must be a positive number of items, got {size}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     base, extra = divmod(size, num_classes)

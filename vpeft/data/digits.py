@@ -20,6 +20,7 @@ from PIL import Image
 
 from vpeft.data.common import ImageDataset, gray_to_rgb
 from vpeft.deps import require
+from vpeft.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,7 +44,7 @@ def digits_split_indices(seed: int = 0, val_fraction: float = 0.2, test_fraction
     total = len(labels)
     n_test, n_val = round(total * test_fraction), round(total * val_fraction)
     if n_test < 1 or n_val < 1 or n_test + n_val >= total:
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no valid split")
+        raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no valid split")
     index = np.arange(total)
     rest, test = train_test_split(index, test_size=n_test, stratify=labels, random_state=seed)
     train, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
@@ -74,7 +75,7 @@ class Digits(ImageDataset):
         super().__init__(transform)
         splits = digits_split_indices(seed, val_fraction, test_fraction)
         if split not in splits:
-            raise ValueError(f"digits split must be one of {sorted(splits)}, got {split!r}")
+            raise ConfigError(f"digits split must be one of {sorted(splits)}, got {split!r}")
         images, labels = _digits()
         self.split = split
         self.indices = splits[split]

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from vpeft.data.common import FASHION_MNIST_ROOT, ImageDataset, balanced_subset, check_root, gray_to_rgb
+from vpeft.errors import ConfigError, DataError
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -70,19 +71,19 @@ def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
 
 def _parse_idx(data: bytes, path: Path, magic: int | None) -> np.ndarray:
     if len(data) < 4:
-        raise ValueError(f"{str(path)!r} is not an IDX file: only {len(data)} bytes")
+        raise DataError(f"{str(path)!r} is not an IDX file: only {len(data)} bytes")
     (found,) = struct.unpack(">i", data[:4])
     zero, type_code, ndim = found >> 16, (found >> 8) & 0xFF, found & 0xFF
     if magic is not None and found != magic:
-        raise ValueError(f"{str(path)!r}: wrong IDX magic number {found} (0x{found:08x}), expected {magic}")
+        raise DataError(f"{str(path)!r}: wrong IDX magic number {found} (0x{found:08x}), expected {magic}")
     if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise ValueError(f"{str(path)!r} is not an IDX file: bad magic number {found} (0x{found:08x})")
+        raise DataError(f"{str(path)!r} is not an IDX file: bad magic number {found} (0x{found:08x})")
     header = 4 + 4 * ndim
     shape = struct.unpack(f">{ndim}i", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[type_code])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
-        raise ValueError(
+        raise DataError(
             f"{str(path)!r}: header says shape {shape} ({expected} bytes) but {len(data) - header} bytes follow"
         )
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
@@ -105,7 +106,7 @@ def _load_pair(root: str, prefix: str, mtime_key: tuple[float, float]) -> tuple[
     images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"), IDX_IMAGES_MAGIC)
     labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte"), IDX_LABELS_MAGIC)
     if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(
+        raise DataError(
             f"Fashion-MNIST {prefix} files in {root!r}: {images.shape} images do not match {labels.shape} labels"
         )
     return images, labels.astype(np.int64)
@@ -151,12 +152,12 @@ class FashionMNIST(ImageDataset):
     ) -> None:
         super().__init__(transform)
         if split not in ("train", "val", "test"):
-            raise ValueError(f"Fashion-MNIST split must be 'train', 'val' or 'test', got {split!r}")
+            raise ConfigError(f"Fashion-MNIST split must be 'train', 'val' or 'test', got {split!r}")
         root = check_root("fashion_mnist", FASHION_MNIST_ROOT if root is None else root)
         images, labels = load_idx_pair(root, "t10k" if split == "test" else "train")
         if split != "test":
             if not 0 <= val_size < len(images):
-                raise ValueError(f"val_size must lie in [0, {len(images)}), got {val_size}")
+                raise ConfigError(f"val_size must lie in [0, {len(images)}), got {val_size}")
             cut = len(images) - val_size
             images, labels = (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
         self.classes = list(FASHION_MNIST_CLASSES)

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from vpeft.data.common import ImageDataset, load_rgb
+from vpeft.errors import DataError, MissingFileError, UnknownNameError
 
 SPLITS = ("train", "val", "test")
 PREPARE = "python datasets/fgvc.py prepare --dataset <name> --images <downloaded images> --splits <json dir> --out ..."
@@ -87,7 +88,7 @@ def resolve_fgvc(name: str) -> FgvcSpec:
     names = {_key(n): s for s in FGVC.values() for n in (s.name, s.folder, *s.aliases)}
     if _key(name) in names:
         return names[_key(name)]
-    raise KeyError(f"unknown FGVC dataset {name!r}; known: {', '.join(FGVC)} (or their VPT folder names)")
+    raise UnknownNameError(f"unknown FGVC dataset {name!r}; known: {', '.join(FGVC)} (or their VPT folder names)")
 
 
 def read_split(path: Path) -> dict[str, str | int]:
@@ -99,12 +100,12 @@ def read_split(path: Path) -> dict[str, str | int]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid json: {err}") from None
+        raise DataError(f"{str(path)!r} is not valid json: {err}") from None
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{str(path)!r}: expected a non-empty json object {{image path: class id}}")
+        raise DataError(f"{str(path)!r}: expected a non-empty json object {{image path: class id}}")
     for rel, cls in data.items():
         if not isinstance(cls, (int, str)) or isinstance(cls, bool):
-            raise ValueError(f"{str(path)!r}: entry {rel!r} has class {cls!r}; expected an integer or string id")
+            raise DataError(f"{str(path)!r}: entry {rel!r} has class {cls!r}; expected an integer or string id")
     return data
 
 
@@ -150,10 +151,10 @@ class FGVCDataset(ImageDataset):
         super().__init__(transform)
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset 'fgvc': root folder {str(root)!r} does not exist. {PREPARE}")
+            raise MissingFileError(f"dataset 'fgvc': root folder {str(root)!r} does not exist. {PREPARE}")
         for name in (label_map_from, split):
             if not (root / f"{name}.json").is_file():
-                raise FileNotFoundError(f"dataset 'fgvc': {str(root / f'{name}.json')!r} is missing. {PREPARE}")
+                raise MissingFileError(f"dataset 'fgvc': {str(root / f'{name}.json')!r} is missing. {PREPARE}")
         spec = resolve_fgvc(dataset) if dataset else None
         if image_dir is None:
             image_dir = spec.image_dir if spec else next((d for d in ("images", "Images") if (root / d).is_dir()), "")
@@ -161,7 +162,7 @@ class FGVCDataset(ImageDataset):
         self.class_to_idx = label_map(read_split(root / f"{label_map_from}.json").values())
         count = len(self.class_to_idx)
         if spec and count != spec.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"dataset 'fgvc': {label_map_from}.json of {spec.name!r} holds {count} classes, expected "
                 f"{spec.num_classes}; the label map must come from a split that holds every class"
             )
@@ -169,7 +170,7 @@ class FGVCDataset(ImageDataset):
         entries = read_split(root / f"{split}.json")
         unknown = sorted({str(c) for c in entries.values() if class_key(c) not in self.class_to_idx})
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"dataset 'fgvc': {split}.json has class ids {unknown[:5]} that {label_map_from}.json lacks; "
                 "labels come from that split only"
             )

@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from vpeft.data.common import IMG_EXTENSIONS, ImageDataset, check_root, load_rgb
+from vpeft.errors import ConfigError, DataError, MissingFileError
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -58,11 +59,11 @@ class FolderDataset(ImageDataset):
         self.root, self.split = root, split
         self.classes = _class_dirs(root / classes_from)
         if not self.classes:
-            raise FileNotFoundError(f"dataset 'folder': no class folders in {str(root / classes_from)!r}")
+            raise MissingFileError(f"dataset 'folder': no class folders in {str(root / classes_from)!r}")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         unknown = sorted(set(_class_dirs(root / split)) - set(self.classes))
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"dataset 'folder': split {split!r} has class folders {unknown} that {classes_from!r} lacks; "
                 "every class must appear in the split that defines the label map"
             )
@@ -74,7 +75,7 @@ class FolderDataset(ImageDataset):
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
             self.samples.extend((p, self.class_to_idx[name]) for p in files)
         if not self.samples:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"dataset 'folder': no images with extensions {IMG_EXTENSIONS} under {str(root / split)!r}"
             )
         self.targets = [label for _, label in self.samples]
@@ -100,7 +101,7 @@ def read_list(path: Path) -> list[tuple[str, int]]:
         except ValueError:
             label = -1
         if label < 0:
-            raise ValueError(f"{str(path)!r} line {number}: expected '<relative path> <label>', got {line!r}")
+            raise DataError(f"{str(path)!r} line {number}: expected '<relative path> <label>', got {line!r}")
         entries.append((parts[0], label))
     return entries
 
@@ -138,15 +139,15 @@ class ListDataset(ImageDataset):
         self.root, self.split, self.train_list = root, split, train_list
         train_labels = [label for _, label in read_list(root / f"{train_list}.txt")]
         if not train_labels:
-            raise ValueError(f"dataset 'list': {str(root / f'{train_list}.txt')!r} holds no entries")
+            raise DataError(f"dataset 'list': {str(root / f'{train_list}.txt')!r} holds no entries")
         num_classes = max(train_labels) + 1
         if classes is not None and len(classes) != num_classes:
-            raise ValueError(f"dataset 'list': got {len(classes)} class names for {num_classes} classes")
+            raise ConfigError(f"dataset 'list': got {len(classes)} class names for {num_classes} classes")
         self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
         entries = read_list(root / f"{split}.txt")
         bad = [label for _, label in entries if label >= num_classes]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"dataset 'list': {split}.txt has label {max(bad)} but {train_list}.txt defines only "
                 f"{num_classes} classes"
             )

@@ -39,6 +39,7 @@ from torch.utils.data import default_collate as torch_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ..errors import ConfigError, DataError, MissingFileError
 from ..registry import lookup
 from .common import IMG_EXTENSIONS, check_root, load_rgb
 from .shapes import CLASSES as SHAPE_CLASSES
@@ -70,21 +71,21 @@ class SegmentationFolder(Dataset):
         classes: Sequence[str] | None = None,
     ):
         if num_classes is None or num_classes < 1 or num_classes > IGNORE_INDEX:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset: num_classes must be given in data.options as an integer in 1..{IGNORE_INDEX}, "
                 f"got {num_classes}."
             )
         if classes is not None and len(classes) != num_classes:
-            raise ValueError(f"dataset: {len(classes)} class names for num_classes={num_classes}.")
+            raise ConfigError(f"dataset: {len(classes)} class names for num_classes={num_classes}.")
         root = check_root("seg_folder", root, Path("images") / split)
         check_root("seg_folder", root, Path("annotations") / split)
         images = sorted(p for p in (root / "images" / split).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if not images:
-            raise FileNotFoundError(f"dataset: no images in {root / 'images' / split} ({', '.join(IMG_EXTENSIONS)}).")
+            raise MissingFileError(f"dataset: no images in {root / 'images' / split} ({', '.join(IMG_EXTENSIONS)}).")
         masks = [root / "annotations" / split / f"{p.stem}.png" for p in images]
         missing = [str(m) for m in masks if not m.is_file()]
         if missing:
-            raise FileNotFoundError(f"dataset: {len(missing)} images have no mask, e.g. {missing[:3]}.")
+            raise MissingFileError(f"dataset: {len(missing)} images have no mask, e.g. {missing[:3]}.")
         self.pairs = list(zip(images, masks, strict=True))
         self.transform, self.num_classes, self.reduce_zero_label = transform, num_classes, reduce_zero_label
         self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
@@ -96,7 +97,7 @@ class SegmentationFolder(Dataset):
         """The (H, W) int64 class indices of ``path``, after ``reduce_zero_label``, checked against the class range."""
         with Image.open(path) as image:
             if image.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(
+                raise DataError(
                     f"{path}: a mask must be a single-channel PNG of class indices, not mode {image.mode}."
                 )
             mask = np.asarray(image).astype(np.int64)
@@ -106,7 +107,7 @@ class SegmentationFolder(Dataset):
         bad = values[((values < 0) | (values >= self.num_classes)) & (values != IGNORE_INDEX)]
         if bad.size:
             shift = " (after reduce_zero_label)" if self.reduce_zero_label else ""
-            raise ValueError(
+            raise DataError(
                 f"{path}: mask values {bad[:10].tolist()}{shift} are outside the class range 0..{self.num_classes - 1} "
                 f"(num_classes={self.num_classes}; {IGNORE_INDEX} = ignore). Check num_classes and reduce_zero_label."
             )
@@ -117,7 +118,7 @@ class SegmentationFolder(Dataset):
         image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(image_path)))
         mask = tv_tensors.Mask(torch.from_numpy(self.read_mask(mask_path)))
         if image.shape[-2:] != mask.shape[-2:]:
-            raise ValueError(f"{mask_path}: mask size {tuple(mask.shape)} differs from image size {image.shape[-2:]}.")
+            raise DataError(f"{mask_path}: mask size {tuple(mask.shape)} differs from image size {image.shape[-2:]}.")
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return image.as_subclass(Tensor), mask.as_subclass(Tensor)
@@ -143,7 +144,7 @@ class ShapesSegmentation(SegmentationFolder):
         seed: int = 0,
     ):
         if root is None:
-            raise FileNotFoundError("dataset 'shapes' needs data.root: the folder to write the scenes to (or read).")
+            raise MissingFileError("dataset 'shapes' needs data.root: the folder to write the scenes to (or read).")
         write_shapes(root, dict(counts) if counts is not None else None, size, seed)
         super().__init__(root, split, transform, len(SHAPE_CLASSES) + 1, classes=("background", *SHAPE_CLASSES))
 

@@ -34,6 +34,8 @@ mask_utils = require("pycocotools.mask", "shapes", "the shapes scenes' COCO mask
 _draw = require("skimage.draw", "shapes", "drawing the shapes scenes")
 disk, polygon = _draw.disk, _draw.polygon
 
+from ..errors import ConfigError, ExistingPathError
+
 CLASSES = ("circle", "square", "triangle")  # class ids 1..3; 0 is background
 MANIFEST = "shapes.json"
 FORMAT = "vpeft.shapes"
@@ -76,7 +78,9 @@ def _box(mask: np.ndarray) -> Box:
 def render_scene(rng: np.random.Generator, size: int = 64, max_shapes: int = 4) -> Scene:
     """One scene of 1..``max_shapes`` shapes drawn from ``rng`` (the same generator state gives the same scene)."""
     if size < 8 or max_shapes < 1:
-        raise ValueError(f"render_scene needs size >= 8 and max_shapes >= 1, got size={size}, max_shapes={max_shapes}.")
+        raise ConfigError(
+            f"render_scene needs size >= 8 and max_shapes >= 1, got size={size}, max_shapes={max_shapes}."
+        )
     owner = np.full((size, size), -1, np.int64)  # index of the instance that shows at each pixel
     classes: list[int] = []
     for _ in range(rng.integers(1, max_shapes + 1)):
@@ -162,7 +166,7 @@ def write_shapes(
     counts = dict(counts if counts is not None else {"train": 200, "val": 50, "test": 50})
     bad = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1 or "/" in k or not k}
     if bad:
-        raise ValueError(f"write_shapes counts must map split names to positive integers, got {bad}.")
+        raise ConfigError(f"write_shapes counts must map split names to positive integers, got {bad}.")
     manifest = {"format": FORMAT, "version": VERSION, "counts": counts, "size": size, "seed": seed}
     if _read_manifest(root) == manifest:
         return root
@@ -190,7 +194,7 @@ def _check_free(root: Path, manifest: dict) -> None:
         return
     found = _read_manifest(root)
     what = f"a shapes dataset with other parameters ({found})" if found else "files that are not a shapes dataset"
-    raise FileExistsError(f"{root} holds {what}; wanted {manifest}. Remove it or choose another root.")
+    raise ExistingPathError(f"{root} holds {what}; wanted {manifest}. Remove it or choose another root.")
 
 
 __all__ = ["CLASSES", "Scene", "render_scene", "write_shapes"]

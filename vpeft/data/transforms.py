@@ -24,6 +24,8 @@ from timm.data import create_transform
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
+from ..errors import ConfigError
+
 AUGMENT_POLICIES = ("none", "fgvc", "randaugment")
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -61,7 +63,7 @@ def build_transform(data_config: Mapping[str, Any], augment: str, train: bool, r
         ValueError: On an unknown policy (the message lists the valid ones).
     """
     if augment not in AUGMENT_POLICIES:
-        raise ValueError(f"unknown augment policy {augment!r}; valid policies: {', '.join(AUGMENT_POLICIES)}")
+        raise ConfigError(f"unknown augment policy {augment!r}; valid policies: {', '.join(AUGMENT_POLICIES)}")
     height, width = _size(data_config)
     interpolation = _interpolation(data_config)
     if augment == "none" or (augment == "randaugment" and not train):

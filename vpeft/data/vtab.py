@@ -31,6 +31,7 @@ from PIL import Image
 
 from vpeft.data.common import ImageDataset, check_root, load_rgb
 from vpeft.data.folder import read_list
+from vpeft.errors import ConfigError, DataError, ExistingPathError, MissingFileError, UnknownNameError
 from vpeft.registry import lookup
 
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -157,7 +158,7 @@ def resolve_task(name: str, suite: str | None = None) -> VtabTask:
     close = difflib.get_close_matches(_key(name), list(names), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(n) for n in dict.fromkeys(names[c].name for c in close))}?" if close else ""
     valid = ", ".join(t.name for table in tables for t in table.values())
-    raise KeyError(f"unknown VTAB task {name!r}.{hint} Known tasks: {valid} (or an alias of one).")
+    raise UnknownNameError(f"unknown VTAB task {name!r}.{hint} Known tasks: {valid} (or an alias of one).")
 
 
 def task_folder(data_root: str | Path, task: VtabTask) -> Path:
@@ -171,7 +172,7 @@ def task_folder(data_root: str | Path, task: VtabTask) -> Path:
     for name in tried:
         if (data_root / name).is_dir():
             return data_root / name
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"VTAB task {task.name!r}: none of the folders {tried} exists under {str(data_root)!r}. Bring a downloaded "
         f"copy into the NOAH layout with `{PREPARE}`."
     )
@@ -197,7 +198,7 @@ class VtabDataset(ImageDataset):
     ) -> None:
         super().__init__(transform)
         if split not in SPLITS:
-            raise ValueError(f"dataset 'vtab': unknown split {split!r}; VTAB-1k splits are {', '.join(SPLITS)}")
+            raise ConfigError(f"dataset 'vtab': unknown split {split!r}; VTAB-1k splits are {', '.join(SPLITS)}")
         root = check_root("list", root, f"{split}.txt")
         self.root, self.split = root, split
         self.task = resolve_task(task) if task else None
@@ -206,13 +207,13 @@ class VtabDataset(ImageDataset):
         else:
             labels = [lab for name in TRAIN_LISTS if (root / f"{name}.txt").is_file() for _, lab in _list(root, name)]
             if not labels:
-                raise FileNotFoundError(f"dataset 'vtab': {str(root)!r} holds none of {[f'{n}.txt' for n in SPLITS]}")
+                raise MissingFileError(f"dataset 'vtab': {str(root)!r} holds none of {[f'{n}.txt' for n in SPLITS]}")
             num_classes, source = max(labels) + 1, "the training lists"
         self.classes = [str(i) for i in range(num_classes)]
         entries = _list(root, split)
         bad = sorted({label for _, label in entries if label >= num_classes})
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"dataset 'vtab': {str(root / f'{split}.txt')!r} has labels {bad[:5]} but {source} gives "
                 f"{num_classes} classes (labels 0..{num_classes - 1})"
             )
@@ -244,9 +245,9 @@ def write_task(
     out = Path(out)
     missing = {"train800", "val200", "test"} - set(splits)
     if missing:
-        raise ValueError(f"write_task: missing splits {sorted(missing)}; give train800, val200 and test")
+        raise ConfigError(f"write_task: missing splits {sorted(missing)}; give train800, val200 and test")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; remove it or pass overwrite=True")
+        raise ExistingPathError(f"{out} exists; remove it or pass overwrite=True")
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     items = {**splits, "train800val200": [*splits["train800"], *splits["val200"]]}

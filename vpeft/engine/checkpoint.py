@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from ..core import active_adapter, adapter_tensors, load_adapter_tensors
+from ..backbones.checkpoint import load_weights_only
+from ..core import io
+from ..errors import MissingFileError
 from ..files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,8 +52,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore everything :func:`save_checkpoint` wrote; returns the counters (epoch, step, best metric...)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run has no checkpoint to resume from.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingFileError(f"{path} does not exist: the run has no checkpoint to resume from.")
+    state = load_weights_only(path)
     load_adapter_tensors(model, active_adapter(model), state["trainable"], str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

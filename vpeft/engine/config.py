@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+import torch
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from ..core import build_config
+from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from ..methods import METHODS
 from ..registry import lookup
@@ -43,10 +45,6 @@ from ..tasks import TASKS
 __all__ = ["ConfigError", "RunConfig", "load_config", "dump_config", "config_diff"]
 
 DEFAULT_METHOD = "lora"
-
-
-class ConfigError(ValueError):
-    """An invalid run config: the message names the key, its source and what was expected."""
 
 
 class _Section(BaseModel):
@@ -143,6 +141,17 @@ class TrainConfig(_Section):
     tensorboard: bool = True
     max_steps: int | None = Field(None, ge=1)
 
+    @pydantic.field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError:
+                message = f"{value!r} is not a device; use auto (CUDA when there is one), cpu, cuda or cuda:N."
+                raise PydanticCustomError("device", "{message}", {"message": message}) from None
+        return value
+
 
 class RunConfig(_Section):
     """A whole run: backbone, method, data, optimizer and loop settings, plus an optional run name."""
@@ -195,7 +204,7 @@ def _layers(path: Path, stack: tuple[Path, ...], used_by: Path | None) -> list[t
         raise ConfigError(f"_base_ cycle: {cycle}")
     if not path.is_file():
         extra = f" (a _base_ of {used_by})" if used_by else ""
-        raise FileNotFoundError(f"config file not found: {path}{extra}")
+        raise MissingFileError(f"config file not found: {path}{extra}")
     data = _parse(path.read_text(encoding="utf-8"), str(path))
     if data is None:
         data = {}
@@ -293,7 +302,7 @@ def _describe(error: dict[str, Any], origins: Origins, top: str) -> str:
         return f"{dotted} (in {source}): {_unknown_key(loc, holder) if holder else 'unknown key.'}"
     if error["type"] == "missing":
         return f"{dotted}: required key missing (config {top})"
-    if error["type"] in ("method_option", "task"):  # messages that already name the value and the valid ones
+    if error["type"] in ("method_option", "task", "device"):  # messages that already name the value and the valid ones
         return f"{dotted} (in {source}): {error['ctx']['message']}"
     _, ann = _walk(loc)
     expected = f" (expected {_type_name(ann)})" if ann is not None and error["type"].endswith("_type") else ""

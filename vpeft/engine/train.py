@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import vpeft
 from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from ..data import build_loader
+from ..errors import ConfigError, DivergedError, ExistingPathError, MissingFileError
 from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -72,7 +74,7 @@ def train(
         return summary
     dist.barrier()
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(run_dir)
     device = dist.device
     start = time.perf_counter()
 
@@ -125,9 +127,11 @@ def train(
                 if extra is not None:
                     loss = loss + extra
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. The last good "
-                    f"checkpoint is {run_dir / CHECKPOINT}. Lower optim.lr or set optim.grad_clip."
+                kept = (run_dir / CHECKPOINT).is_file()
+                raise DivergedError(
+                    f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. "
+                    + (f"The last good checkpoint is {run_dir / CHECKPOINT}. " if kept else "No epoch had finished. ")
+                    + "Lower optim.lr or set optim.grad_clip."
                 )
             # a short last group at the end of the epoch averages over its own micro-batches
             group = min(cfg.optim.accumulate, len(loader) - i // cfg.optim.accumulate * cfg.optim.accumulate)
@@ -280,7 +284,7 @@ def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManag
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp fp16 needs a CUDA device; use bf16 on CPU.")
+        raise ConfigError("train.amp fp16 needs a CUDA device; use bf16 on CPU.")
     # parameters stay fp32 (adapters and head included); autocast only lowers the precision of the matmuls
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
@@ -325,8 +329,21 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and make sure a file can be written there, before any work that would be lost."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        raise ConfigError(
+            f"the run directory {run_dir} cannot be written ({err.strerror or err}); choose a --work-dir you can write."
+        ) from None
+
+
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> list[str]:
     """The dotted keys where ``cfg`` differs from the resumed run's config (none for a new run)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ExistingPathError(f"{run_dir} is a file, not a run directory; choose another --work-dir.")
     if resume:
         if not (run_dir / CONFIG).is_file():
             raise MissingFileError(f"--resume: {run_dir / CONFIG} does not exist; {run_dir} is not a run directory.")
@@ -338,7 +355,7 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, force: bool) -> 
             )
         return changed
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
+        raise ExistingPathError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --work-dir."
         )
     return []

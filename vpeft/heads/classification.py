@@ -10,13 +10,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..backbones import POOLS, Backbone
+from ..errors import ConfigError
 
 
 class Classifier(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, pool: str = "token"):
         super().__init__()
         if pool not in POOLS:
-            raise ValueError(f"model.head.pool must be one of {POOLS}, got {pool!r}.")
+            raise ConfigError(f"model.head.pool must be one of {POOLS}, got {pool!r}.")
         self.backbone, self.pool = backbone, pool
         width = backbone.out_dim * (2 if pool == "both" else 1)
         self.head = nn.Linear(width, num_classes)

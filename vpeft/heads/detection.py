@@ -51,6 +51,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..backbones import Backbone
+from ..errors import ConfigError
 from .pyramid import SimpleFeaturePyramid
 
 DETECTORS = {"faster_rcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS}
@@ -115,12 +116,12 @@ class DetectionHead(nn.Module):
         if detector not in DETECTORS:
             close = difflib.get_close_matches(detector, list(DETECTORS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"model.head.name {detector!r} is not a detector.{hint} Choose from {sorted(DETECTORS)}.")
+            raise ConfigError(f"model.head.name {detector!r} is not a detector.{hint} Choose from {sorted(DETECTORS)}.")
         if num_classes < 1:
-            raise ValueError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}.")
+            raise ConfigError(f"num_classes is the number of foreground classes and must be >= 1, got {num_classes}.")
         _check_options(detector, options)
         if detector != "faster_rcnn" and (box_convs, box_fc) != (None, None):
-            raise ValueError(f"model.head.box_convs and box_fc are Faster R-CNN options; {detector} has no box head.")
+            raise ConfigError(f"model.head.box_convs and box_fc are Faster R-CNN options; {detector} has no box head.")
         box_convs, box_fc = 4 if box_convs is None else box_convs, box_fc or 1024
         neck = PyramidNeck(in_channels, out_channels, scales, patch_size)
         size = anchor_scale or DEFAULT_ANCHOR_SCALE[detector]
@@ -173,11 +174,11 @@ def _check_options(detector: str, options: dict[str, Any]) -> None:
     accepted |= {"box_convs", "box_fc"} if detector == "faster_rcnn" else set()
     for key in options:
         if key in _DERIVED:
-            raise ValueError(f"model.head.{key} is set by vpeft from the backbone and the pyramid; remove it.")
+            raise ConfigError(f"model.head.{key} is set by vpeft from the backbone and the pyramid; remove it.")
         if key not in accepted:
             close = difflib.get_close_matches(key, sorted(accepted), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"model.head.{key} is not an option of {detector}.{hint} Options: {sorted(accepted)}.")
+            raise ConfigError(f"model.head.{key} is not an option of {detector}.{hint} Options: {sorted(accepted)}.")
 
 
 class DetectionModel(nn.Module):
@@ -194,7 +195,7 @@ class DetectionModel(nn.Module):
         _, height, width = backbone.data_config["input_size"]
         dynamic = bool(getattr(backbone.model, "dynamic_img_size", False))
         if height != width and not dynamic:
-            raise ValueError(
+            raise ConfigError(
                 f"detection pads images to a square of the backbone's input size, but it is {height}x{width}; use a "
                 "square img_size or a backbone with dynamic_img_size=True."
             )

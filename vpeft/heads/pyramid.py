@@ -24,12 +24,14 @@ from collections.abc import Sequence
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 
 def _rescale(channels: int, scale: float) -> tuple[nn.Module, int]:
     """The op that resizes a (B, channels, h, w) map by ``scale`` and its output channel count."""
     steps = math.log2(scale) if scale > 0 else float("nan")
     if not float(steps).is_integer():
-        raise ValueError(f"SimpleFeaturePyramid scales must be powers of two (4, 2, 1, 0.5, ...), got {scale}.")
+        raise ConfigError(f"SimpleFeaturePyramid scales must be powers of two (4, 2, 1, 0.5, ...), got {scale}.")
     steps = int(steps)
     if steps <= 0:  # identity (0) or |steps| 2x2 max-poolings
         return nn.Sequential(*[nn.MaxPool2d(2, 2) for _ in range(-steps)]), channels
@@ -55,7 +57,7 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5)):
         super().__init__()
         if not scales:
-            raise ValueError("SimpleFeaturePyramid needs at least one scale.")
+            raise ConfigError("SimpleFeaturePyramid needs at least one scale.")
         self.in_channels, self.out_channels, self.scales = in_channels, out_channels, tuple(float(s) for s in scales)
         self.rescale = nn.ModuleList()
         self.output = nn.ModuleList()
@@ -75,14 +77,14 @@ class SimpleFeaturePyramid(nn.Module):
         """Feature strides in pixels of the outputs, for a backbone with ``patch_size``."""
         strides = [patch_size / s for s in self.scales]
         if not all(s.is_integer() for s in strides):
-            raise ValueError(f"patch size {patch_size} over scales {self.scales} gives fractional strides {strides}.")
+            raise ConfigError(f"patch size {patch_size} over scales {self.scales} gives fractional strides {strides}.")
         return [int(s) for s in strides]
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         if len(features) == 1:
             features = list(features) * len(self.scales)
         elif len(features) != len(self.scales):
-            raise ValueError(
+            raise ConfigError(
                 f"SimpleFeaturePyramid with {len(self.scales)} scales takes 1 or {len(self.scales)} feature maps, "
                 f"got {len(features)}."
             )

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..deps import require
+from ..errors import ConfigError, DataError
 
 log = logging.getLogger("vpeft")
 PROMPTS = ("box", "points", "box+points", "none")
@@ -127,7 +128,7 @@ class SamPrompts(nn.Module):
         super().__init__()
         PromptEncoder = require("segment_anything.modeling", "sam", "SAM's prompt encoder").PromptEncoder
         if prompt not in PROMPTS:
-            raise ValueError(f"model.head.prompt must be one of {PROMPTS}, got {prompt!r}.")
+            raise ConfigError(f"model.head.prompt must be one of {PROMPTS}, got {prompt!r}.")
         self.prompt = prompt
         self.encoder = PromptEncoder(embed_dim, tuple(grid), tuple(image_size), mask_in_chans=16)
         self.encoder.mask_downscaling = None  # mask prompts are not used
@@ -140,7 +141,7 @@ class SamPrompts(nn.Module):
         if self.prompt == "none":
             return [self.encoder(None, None, None)] * batch, pe
         if prompts is None:
-            raise ValueError(f"model.head.prompt is {self.prompt!r}: the forward pass needs prompts.")
+            raise ConfigError(f"model.head.prompt is {self.prompt!r}: the forward pass needs prompts.")
         out = []
         for i in range(batch):
             points = (prompts.points[i], prompts.point_labels[i]) if "points" in self.prompt else None
@@ -180,9 +181,9 @@ class SamHead(nn.Module):
         modeling = require("segment_anything.modeling", "sam", "SAM's mask decoder")
         MaskDecoder, TwoWayTransformer = modeling.MaskDecoder, modeling.TwoWayTransformer
         if prompt not in PROMPTS:
-            raise ValueError(f"model.head.prompt must be one of {PROMPTS}, got {prompt!r}.")
+            raise ConfigError(f"model.head.prompt must be one of {PROMPTS}, got {prompt!r}.")
         if num_classes < 2:
-            raise ValueError(f"the SAM head needs background and at least one class, got num_classes={num_classes}.")
+            raise ConfigError(f"the SAM head needs background and at least one class, got num_classes={num_classes}.")
         self.prompt, self.num_classes, self.image_size = prompt, num_classes, tuple(image_size)
         if in_channels == embed_dim and not sam_neck:
             self.neck: nn.Module = nn.Identity()
@@ -200,7 +201,7 @@ class SamHead(nn.Module):
         """``prompts`` and ``pe`` from :class:`SamPrompts`; ``present`` (B, K) marks the classes that have prompts."""
         emb = self.neck(embedding)  # (B, E, h, w)
         if tuple(emb.shape[-2:]) != tuple(pe.shape[-2:]):
-            raise ValueError(
+            raise ConfigError(
                 f"the SAM prompt encoder was built for a {tuple(pe.shape[-2:])} embedding, got "
                 f"{tuple(emb.shape[-2:])}: build the model for the input size you train at."
             )
@@ -230,14 +231,14 @@ def load_sam_decoder(prompter: SamPrompts, head: SamHead, path: str | Path) -> N
         own = module.state_dict()
         theirs = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not theirs:
-            raise ValueError(f"{path} holds no {prefix!r} tensors; it is not a full SAM checkpoint.")
+            raise DataError(f"{path} holds no {prefix!r} tensors; it is not a full SAM checkpoint.")
         missing = sorted(k for k in own if k not in theirs and not k.startswith(per_class))
         if missing:
-            raise ValueError(f"{path}: {len(missing)} {prefix} tensors are missing, e.g. {missing[:5]}.")
+            raise DataError(f"{path}: {len(missing)} {prefix} tensors are missing, e.g. {missing[:5]}.")
         keep = [k for k in own if k in theirs and theirs[k].shape == own[k].shape]
         bad = [k for k in own if k in theirs and k not in keep and not k.startswith(per_class)]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"{path}: {prefix} tensors do not fit, e.g. {bad[0]} {tuple(theirs[bad[0]].shape)} vs "
                 f"{tuple(own[bad[0]].shape)}: the checkpoint's SAM size differs from model.head.embed_dim."
             )

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
 from ..backbones import Backbone
+from ..errors import ConfigError
 from ..registry import lookup
 from .pyramid import SimpleFeaturePyramid
 
@@ -157,7 +158,7 @@ def build_upernet(
     """UPerNet on ``indices`` (default: four blocks spread evenly; one index: ViTDet's single-map pyramid)."""
     indices = list(indices) if indices is not None else default_indices(backbone.depth, len(scales))
     if len(indices) not in (1, len(scales)):
-        raise ValueError(
+        raise ConfigError(
             f"model.head.indices: upernet takes 1 block or one per scale ({len(scales)} for scales {list(scales)}), "
             f"got {indices}."
         )
@@ -177,5 +178,5 @@ def build_segmentation_model(
     known = [p for p in inspect.signature(builder).parameters if p not in ("backbone", "num_classes")]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"model.head: the {name!r} head takes {known}; {unknown} is not one of them.")
+        raise ConfigError(f"model.head: the {name!r} head takes {known}; {unknown} is not one of them.")
     return builder(backbone, num_classes, **options)

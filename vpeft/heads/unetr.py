@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..deps import require
+from ..errors import ConfigError
 
 _blocks = require("monai.networks.blocks", "medical", "the UNETR head")
 UnetOutBlock, UnetrBasicBlock = _blocks.UnetOutBlock, _blocks.UnetrBasicBlock
@@ -64,7 +65,7 @@ class UnetrDecoder(nn.Module):
         """Up-steps (and feature maps) for a patch size: log2(p)."""
         stages = math.log2(patch_size)
         if stages != int(stages) or stages < 1:
-            raise ValueError(f"the UNETR decoder needs a power-of-two patch size, got {patch_size}.")
+            raise ConfigError(f"the UNETR decoder needs a power-of-two patch size, got {patch_size}.")
         return int(stages)
 
     def forward(self, features: Sequence[Tensor], image: Tensor) -> Tensor:

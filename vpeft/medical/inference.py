@@ -19,6 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..files import atomic_write
 from .volumes import Volume
 
@@ -38,7 +39,7 @@ def save_prediction(pred: Tensor, volume: Volume, path: str | os.PathLike) -> Pa
     """Save class ids ``pred`` (*spatial, on the preprocessed grid of ``volume``) as NIfTI aligned with its source."""
     path = Path(path)
     if not path.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"prediction file {path} must end in .nii or .nii.gz.")
+        raise ConfigError(f"prediction file {path} must end in .nii or .nii.gz.")
     data = to_source_grid(pred, volume).astype(np.uint8 if pred.max() < 256 else np.int16)
     header = None
     if volume.source.endswith((".nii", ".nii.gz")):

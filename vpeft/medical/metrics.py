@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
 
+from ..errors import ConfigError
+
 ROWS = ("dice", "dice_n", "hd95", "hd95_n", "nsd", "nsd_n", "hd95_missed")
 
 
@@ -32,7 +34,7 @@ class CaseMetrics:
 
     def __init__(self, class_names: Sequence[str], nsd_tolerance: float = 1.0, percentile: float = 95.0):
         if len(class_names) < 2:
-            raise ValueError(f"segmentation needs background and at least one class, got {list(class_names)}.")
+            raise ConfigError(f"segmentation needs background and at least one class, got {list(class_names)}.")
         self.names = list(class_names)[1:]  # foreground classes; index 0 is background
         self.tolerance, self.percentile = nsd_tolerance, percentile
         self.sums = torch.zeros(len(ROWS), len(self.names), dtype=torch.float64)

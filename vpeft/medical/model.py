@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import Backbone
+from ..errors import ConfigError
 from ..heads.sam import Prompts, SamPrompts
 
 HEAD_KINDS = ("sam", "unetr", "light")
@@ -57,15 +58,15 @@ class MedicalSegmenter(nn.Module):
     ):
         super().__init__()
         if kind not in HEAD_KINDS:
-            raise ValueError(f"model.head.name must be one of {HEAD_KINDS}, got {kind!r}.")
+            raise ConfigError(f"model.head.name must be one of {HEAD_KINDS}, got {kind!r}.")
         self.backbone, self.head, self.kind = backbone, head, kind
         self.indices, self.spatial_dims, self.axis = list(indices), spatial_dims, axis
         if (kind == "sam") != (prompter is not None):
-            raise ValueError("the sam head needs its prompt encoder (prompter), and only the sam head takes one.")
+            raise ConfigError("the sam head needs its prompt encoder (prompter), and only the sam head takes one.")
         self.prompter = prompter  # frozen: part of the base model, not of the trained head
         want = encoder_channels(backbone)
         if data_channels not in (1, want):
-            raise ValueError(
+            raise ConfigError(
                 f"the data has {data_channels} channels (channels x (2 context + 1)) and the encoder takes {want}; "
                 f"a single channel is repeated, any other count must equal the encoder's (model.kwargs.in_chans: "
                 f"{data_channels}; its patch embedding is then trained from scratch unless the checkpoint has it)."

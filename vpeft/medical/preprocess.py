@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from monai import transforms as mt
 
+from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 
 # window presets as (width, level) in HU; the usual radiology reading windows
@@ -67,22 +68,22 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
-            raise ValueError(f"data.options.modality must be one of {MODALITIES}, got {self.modality!r}.")
+            raise ConfigError(f"data.options.modality must be one of {MODALITIES}, got {self.modality!r}.")
         if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}.")
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}.")
         if self.modality == "CT":
             self.hu_range()  # validates the window
         elif self.window is not None:
-            raise ValueError(f"data.options.window is a CT setting; modality is {self.modality!r}.")
+            raise ConfigError(f"data.options.window is a CT setting; modality is {self.modality!r}.")
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"data.options.percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}.")
+            raise ConfigError(f"data.options.percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}.")
         if self.spacing is not None and (len(self.spacing) != self.spatial_dims or min(self.spacing) <= 0):
-            raise ValueError(
+            raise ConfigError(
                 f"data.options.spacing must hold {self.spatial_dims} positive sizes in mm, got {self.spacing}."
             )
         if self.orientation is not None and len(self.orientation) != self.spatial_dims:
-            raise ValueError(
+            raise ConfigError(
                 f"data.options.orientation must have {self.spatial_dims} axis codes, got {self.orientation!r}."
             )
 
@@ -90,18 +91,18 @@ class Preprocessing:
         """The CT window as (low, high) HU."""
         window = self.window
         if window is None:
-            raise ValueError(
+            raise ConfigError(
                 f"modality CT needs data.options.window: [low, high] HU or one of {sorted(CT_WINDOWS)} "
                 "(e.g. abdomen = W400 L40 = [-160, 240])."
             )
         if isinstance(window, str):
             if window not in CT_WINDOWS:
-                raise ValueError(f"unknown CT window {window!r}; presets: {sorted(CT_WINDOWS)}, or give [low, high].")
+                raise ConfigError(f"unknown CT window {window!r}; presets: {sorted(CT_WINDOWS)}, or give [low, high].")
             width, level = CT_WINDOWS[window]
             return level - width / 2, level + width / 2
         low, high = (float(v) for v in window)
         if not low < high:
-            raise ValueError(f"data.options.window must be [low, high] with low < high, got {list(window)}.")
+            raise ConfigError(f"data.options.window must be [low, high] with low < high, got {list(window)}.")
         return low, high
 
     # -- MONAI transforms ---------------------------------------------------------------------------------------
@@ -162,5 +163,5 @@ class Preprocessing:
     def load(cls, directory: str | os.PathLike) -> Preprocessing:
         path = Path(directory) / FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: the run did not store its preprocessing.")
+            raise MissingFileError(f"{path} does not exist: the run did not store its preprocessing.")
         return cls.from_dict(json.loads(path.read_text()))

@@ -26,6 +26,7 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError
 from .volumes import Volume
 
 AUGMENTS = ("none", "light")
@@ -34,7 +35,7 @@ AUGMENTS = ("none", "light")
 def augmentation(name: str, size: tuple[int, int]) -> A.Compose:
     """Resize to ``size`` then the named augmentation; no flips by default (left and right organs are classes)."""
     if name not in AUGMENTS:
-        raise ValueError(f"data.options.augment must be one of {AUGMENTS}, got {name!r}.")
+        raise ConfigError(f"data.options.augment must be one of {AUGMENTS}, got {name!r}.")
     steps: list[Any] = [A.Resize(*size)]
     if name == "light":
         steps += [
@@ -69,9 +70,9 @@ class SliceDataset(Dataset):
         seed: int = 0,
     ):
         if not 0 <= axis <= 2:
-            raise ValueError(f"data.options.axis must be 0, 1 or 2 (a spatial axis), got {axis}.")
+            raise ConfigError(f"data.options.axis must be 0, 1 or 2 (a spatial axis), got {axis}.")
         if foreground_ratio is not None and not 0.0 < foreground_ratio <= 1.0:
-            raise ValueError(f"data.options.foreground_ratio must be in (0, 1] or null, got {foreground_ratio}.")
+            raise ConfigError(f"data.options.foreground_ratio must be in (0, 1] or null, got {foreground_ratio}.")
         self.volumes, self.axis, self.context = list(volumes), axis, context
         self.transform = augmentation(augment, size)
         self.index = self._choose(foreground_ratio, np.random.default_rng(seed))
@@ -80,7 +81,7 @@ class SliceDataset(Dataset):
         fg, bg = [], []
         for v, volume in enumerate(self.volumes):
             if volume.label is None:
-                raise ValueError(f"case {volume.name} has no label; training needs labelled cases.")
+                raise DataError(f"case {volume.name} has no label; training needs labelled cases.")
             if volume.spatial_dims == 2:
                 (fg if volume.label.any() else bg).append((v, 0))
                 continue
@@ -120,7 +121,7 @@ class PatchDataset(Dataset):
         seed: int = 0,
     ):
         if len(patch) != 3:
-            raise ValueError(f"data.options.patch must hold 3 sizes for 3D training, got {list(patch)}.")
+            raise ConfigError(f"data.options.patch must hold 3 sizes for 3D training, got {list(patch)}.")
         self.volumes, self.samples = list(volumes), samples
         keys = ("image", "label")
         self.crop = mt.Compose(

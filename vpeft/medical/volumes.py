@@ -8,7 +8,8 @@ A datalist is the Medical Segmentation Decathlon's ``dataset.json`` (MONAI's con
 Before anything trains, :func:`load_volumes` checks every entry and raises one error listing every problem found
 (user-needs M1/MO3: a missing file is reported with all the others, not one per run): files that do not exist, files
 no reader can open (named), images whose number of axes is not what the config says (a 4-D file where 3-D volumes are
-expected), image and label of different shapes or spacings/affines, label values outside the class list. An empty
+expected), images with NaN or infinite voxels, image and label of different shapes or spacings/affines, label values
+outside the class list (listed with :func:`vpeft.data.check.listing`, as the image-folder check lists). An empty
 label volume is a warning, not an error (its Dice is undefined and the metrics skip it, see ``metrics.py``).
 
 Each checked entry becomes a :class:`Volume`: the image (C, *spatial) float32 after :class:`Preprocessing`, the label
@@ -32,12 +33,13 @@ import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 
+from ..data.check import listing
+from ..errors import DataError, MissingFileError, UnknownNameError
 from ..files import atomic_write
 from .preprocess import Preprocessing
 
 log = logging.getLogger("vpeft")
 CACHE_VERSION = 1
-MAX_LISTED = 20  # problems listed in one error message
 
 
 @dataclass
@@ -61,25 +63,34 @@ class Volume:
 def read_datalist(path: str | os.PathLike, split: str, root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Entries of ``split`` of a Decathlon datalist, paths made absolute against ``root`` (default: its folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist (data.options.datalist, relative to data.root).")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {path} is not valid JSON: {err}") from None
+    data = _read_json(path)
     if split not in data:
         lists = [k for k, v in data.items() if isinstance(v, list)]
-        raise KeyError(f"datalist {path} has no split {split!r}; its lists are {lists}. Set data.train_split etc.")
+        raise UnknownNameError(
+            f"datalist {path} has no split {split!r}; its lists are {lists}. Set data.train_split etc."
+        )
     base = Path(root) if root is not None else path.parent
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base)
 
 
 def datalist_classes(path: str | os.PathLike) -> list[str] | None:
     """Class names from the datalist's ``labels`` map (index order), if it has one."""
-    labels = json.loads(Path(path).read_text()).get("labels")
+    labels = _read_json(Path(path)).get("labels")
     if not isinstance(labels, dict):
         return None
     return [labels[k] for k in sorted(labels, key=int)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingFileError(f"datalist {path} does not exist (data.options.datalist, relative to data.root).")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"datalist {path} is not valid JSON ({err}); is it truncated?") from None
+    if not isinstance(data, dict):
+        raise DataError(f"datalist {path} holds a {type(data).__name__}; a Decathlon datalist is a JSON object.")
+    return data
 
 
 def missing_files(entries: list[dict[str, Any]]) -> list[str]:
@@ -105,10 +116,7 @@ def load_volumes(
     """Check every entry of ``entries`` (see the module docstring), then preprocess (or read from the cache) each."""
     missing = missing_files(entries)
     if missing:
-        listed = "\n  ".join(missing[:MAX_LISTED]) + (
-            f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
-        )
-        raise FileNotFoundError(f"{what}: {len(missing)} files do not exist:\n  {listed}")
+        raise MissingFileError(listing(f"{what}: {len(missing)} files do not exist", missing))
     problems: list[str] = []
     volumes = []
     for entry in entries:
@@ -117,9 +125,7 @@ def load_volumes(
         except _BadCase as err:
             problems.extend(err.args[0])
     if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise ValueError(f"{what}: {len(problems)} problems in the data:\n  {listed}{more}")
+        raise DataError(listing(f"{what}: {len(problems)} problems in the data", problems))
     return volumes
 
 
@@ -186,6 +192,13 @@ def _check(entry: dict[str, Any], raw: dict[str, Any], prep: Preprocessing, num_
             f"image {source}: shape {shape} is {dims}-D with {image.shape[0]} channel(s); the config expects "
             f"{prep.spatial_dims}-D with {channels} channel(s) (data.options.spatial_dims / data.options.channels; "
             "a 4-D file holds a channel or time axis last)"
+        )
+    pixels = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    if pixels.is_floating_point() and not torch.isfinite(pixels).all():
+        bad = int((~torch.isfinite(pixels)).sum())
+        problems.append(
+            f"image {source}: {bad} of {pixels.numel()} voxels are NaN or infinite; fill them (e.g. with the "
+            "background intensity) before training or predicting"
         )
     if label is not None:
         if label.shape[0] != 1:

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..backbones import build_backbone
+from ..backbones import build_backbone, check_timm_name
 from ..backbones.checkpoint import load_pretrained
 from ..data import build_dataset, build_transform
+from ..data.check import check_image_datasets
+from ..errors import ConfigError, DataError
 from ..heads.classification import Classifier
 from .base import Reduce, Task
 
@@ -31,7 +33,7 @@ class ClassificationTask(Task):
         options = dict(cfg.model.head)
         pool = options.pop("pool", None)  # None: the backbone's own default (timm's global_pool)
         if options:
-            raise ValueError(f"model.head: classification takes only `pool`, got {sorted(options)}.")
+            raise ConfigError(f"model.head: classification takes only `pool`, got {sorted(options)}.")
         backbone = None
         if ":" in cfg.model.name or pool == "both":  # a vpeft Backbone with the Classifier head
             backbone = build_backbone(
@@ -52,6 +54,8 @@ class ClassificationTask(Task):
                 transform = build_transform(data_config, cfg.data.augment, train=role == "train")
                 datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
         num_classes = cfg.model.num_classes or datasets["train"].num_classes
+        source = f"model.num_classes {num_classes}" if cfg.model.num_classes else "the training split's classes"
+        check_image_datasets(datasets, num_classes, source)  # before the model is built: every bad item at once
         if backbone is not None:
             return Classifier(backbone, num_classes, pool or "token"), datasets
         kwargs = {**cfg.model.kwargs, **({"global_pool": pool} if pool else {})}
@@ -68,7 +72,7 @@ class ClassificationTask(Task):
         except RuntimeError:
             pretrained_cfg = None
         if pretrained_cfg is None:
-            raise ValueError(f"model.name {cfg.model.name!r} is not a timm model with a pretrained configuration.")
+            raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model with a pretrained configuration.")
         size = cfg.data.img_size or cfg.model.img_size or cfg.model.kwargs.get("img_size")
         args = {"input_size": (3, size, size)} if size else {}
         return timm.data.resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
@@ -94,7 +98,7 @@ class ClassificationTask(Task):
         """Loss, top-1 and top-5 (percent) over the split."""
         loss_sum, correct1, correct5, total = reduce(state).tolist()
         if total == 0:
-            raise ValueError("evaluation split is empty")
+            raise DataError("evaluation split is empty")
         return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
 
 
@@ -107,12 +111,10 @@ def build_model(
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(name)`` with random weights, then ``pretrained`` (a local file) loaded into it."""
+    check_timm_name(name, "timm model (model.name)")
     if img_size is not None:
         kwargs["img_size"] = img_size
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ValueError(f"model.name {name!r}: {err}") from None
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
     if pretrained:
         load_pretrained(model, pretrained)
     return model

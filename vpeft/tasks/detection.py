@@ -28,6 +28,7 @@ from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
 from ..data.coco import build_detection_dataset, collate
 from ..deps import require
+from ..errors import ConfigError, DataError
 from ..heads.detection import DetectionModel
 from .base import Reduce, Task
 
@@ -60,7 +61,7 @@ class DetectionTask(Task):
         detector = options.pop("name", "faster_rcnn")
         num_classes = datasets["train"].num_classes
         if cfg.model.num_classes not in (None, num_classes):
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes is {cfg.model.num_classes} but detection dataset {cfg.data.name!r} has "
                 f"{num_classes} categories; leave it unset or make them agree."
             )
@@ -95,7 +96,7 @@ def training_target(target: dict[str, Any]) -> dict[str, Tensor]:
 def coco_map(records: list[Record]) -> dict[str, float]:
     """COCO box AP (percent) of ``(index, prediction, ground truth)`` records: torchmetrics on pycocotools."""
     if not records:
-        raise ValueError("evaluation split is empty")
+        raise DataError("evaluation split is empty")
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
     metric.update([r[1] for r in records], [r[2] for r in records])
     result = metric.compute()

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from ..backbones import build_backbone
 from ..deps import require
+from ..errors import ConfigError
 from ..heads.sam import SamHead, SamPrompts, load_sam_decoder, masks_to_prompts
 from ..heads.segmentation import LinearHead, default_indices
 from ..heads.unetr import UnetrDecoder
@@ -116,7 +117,7 @@ def _options(cls: type[_Options], values: dict[str, Any], where: str) -> Any:
         return cls(**values)
     except ValidationError as err:
         problems = "; ".join(f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{problems}. Valid keys of {where}: {sorted(cls.model_fields)}.") from None
+        raise ConfigError(f"{problems}. Valid keys of {where}: {sorted(cls.model_fields)}.") from None
 
 
 class _Evaluation:
@@ -136,7 +137,7 @@ class MedicalSegmentationTask(Task):
         self.head = _options(MedicalHead, dict(cfg.model.head), "model.head")
         size = cfg.model.img_size or cfg.data.img_size
         if size is None:
-            raise ValueError("medical_segmentation needs model.img_size: the 2D input size slices are resized to.")
+            raise ConfigError("medical_segmentation needs model.img_size: the 2D input size slices are resized to.")
         self.size = (size, size)
         self.preprocessing = Preprocessing(
             modality=self.data.modality, window=_tuple(self.data.window), percentiles=_tuple(self.data.percentiles),
@@ -144,15 +145,15 @@ class MedicalSegmentationTask(Task):
         )  # fmt: skip
         d, h = self.data, self.head
         if d.mode == "3d" and (d.spatial_dims != 3 or h.name != "unetr" or d.patch is None):
-            raise ValueError("data.options.mode 3d needs 3-D data, model.head.name unetr and data.options.patch.")
+            raise ConfigError("data.options.mode 3d needs 3-D data, model.head.name unetr and data.options.patch.")
         if d.patch is not None and len(d.patch) != 3:
-            raise ValueError(f"data.options.patch must hold 3 sizes, got {d.patch}.")
+            raise ConfigError(f"data.options.patch must hold 3 sizes, got {d.patch}.")
         if d.mode == "3d" and [s for i, s in enumerate(d.patch) if i != d.axis] != [size, size]:
-            raise ValueError(
+            raise ConfigError(
                 f"data.options.patch {list(d.patch)}: its in-plane sizes must equal model.img_size {size}."
             )
         if h.name == "sam" and h.prompt != "none" and "points" in h.prompt and h.positive < 1:
-            raise ValueError("model.head.prompt uses points: model.head.positive must be >= 1.")
+            raise ConfigError("model.head.prompt uses points: model.head.positive must be >= 1.")
         self.loss_fn = self._loss_fn()
         self._train_gen = torch.Generator().manual_seed(cfg.train.seed)
         self.classes: list[str] = []
@@ -198,7 +199,7 @@ class MedicalSegmentationTask(Task):
         datalist = Path(self.cfg.data.root or ".") / self.data.datalist
         self.classes = self.data.classes or (datalist_classes(datalist) if datalist.is_file() else None) or []
         if len(self.classes) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"no class list: set data.options.classes (background first) or a 'labels' map in {datalist}."
             )
         return self.classes

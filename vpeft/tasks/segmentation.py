@@ -35,6 +35,7 @@ from ..backbones import build_backbone
 from ..backbones.checkpoint import load_pretrained
 from ..data.segmentation import IGNORE_INDEX, build_seg_dataset, build_seg_transform, collate_pairs
 from ..deps import require
+from ..errors import ConfigError, DataError
 from ..heads.segmentation import build_segmentation_model
 from .base import Reduce, Task
 
@@ -46,7 +47,7 @@ TRANSFORM_OPTIONS = ("scale", "ratio", "eval_short_side")
 def _pair(value: int | Sequence[int], key: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise ValueError(f"model.head.slide.{key} must be a positive integer or [h, w], got {value!r}.")
+        raise ConfigError(f"model.head.slide.{key} must be a positive integer or [h, w], got {value!r}.")
     return pair
 
 
@@ -73,7 +74,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """(K, K) counts, rows = true class, columns = predicted; pixels labelled ``IGNORE_INDEX`` are skipped."""
     valid = target != IGNORE_INDEX
     if ((target[valid] < 0) | (target[valid] >= num_classes)).any():
-        raise ValueError(f"target values outside 0..{num_classes - 1} (and {IGNORE_INDEX}) in the batch.")
+        raise DataError(f"target values outside 0..{num_classes - 1} (and {IGNORE_INDEX}) in the batch.")
     index = target[valid].long() * num_classes + pred[valid].long()
     return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
 
@@ -104,7 +105,9 @@ class SegmentationTask(Task):
         if slide is not None:
             unknown = set(slide) - {"crop", "stride"} if isinstance(slide, dict) else {"(not a mapping)"}
             if unknown or "crop" not in slide:
-                raise ValueError(f"model.head.slide takes {{crop, stride}} (stride defaults to 2/3 crop), got {slide}.")
+                raise ConfigError(
+                    f"model.head.slide takes {{crop, stride}} (stride defaults to 2/3 crop), got {slide}."
+                )
             crop = _pair(slide["crop"], "crop")
             slide = {"crop": crop, "stride": _pair(slide.get("stride", [max(c * 2 // 3, 1) for c in crop]), "stride")}
         self.slide = slide
@@ -134,7 +137,7 @@ class SegmentationTask(Task):
                 datasets[role] = build_seg_dataset(cfg.data.name, cfg.data.root, split, transform, **options)
         num_classes = datasets["train"].num_classes
         if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes is {cfg.model.num_classes} but dataset {cfg.data.name!r} has {num_classes} "
                 "classes; drop model.num_classes or fix data.options.num_classes."
             )
@@ -179,6 +182,6 @@ class SegmentationTask(Task):
     def summarise(self, state: Tensor, reduce: Reduce) -> dict[str, float]:
         sums = reduce(state)
         if sums[1] == 0:
-            raise ValueError("evaluation split has no labelled pixels")
+            raise DataError("evaluation split has no labelled pixels")
         num_classes = math.isqrt(len(sums) - 2)
         return {"loss": (sums[0] / sums[1]).item(), **scores(sums[2:].reshape(num_classes, num_classes))}
