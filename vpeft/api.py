@@ -10,7 +10,6 @@ from torch import nn
 
 from . import core
 from .core import Report, add_adapter, build_config, load_adapter_tensors, read_adapter, write_adapter
-from .core import Report, build_config, inject, io
 from .errors import ArgumentTypeError, DataError
 from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS

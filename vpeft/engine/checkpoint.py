@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import active_adapter, adapter_tensors, load_adapter_tensors
 from ..backbones.checkpoint import load_weights_only
-from ..core import io
+from ..core import active_adapter, adapter_tensors, load_adapter_tensors
 from ..errors import MissingFileError
 from ..files import atomic_write
 
