@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vpeft.files import atomic_write  # noqa: E402
 from vpeft.data.folder import read_list  # noqa: E402
 from vpeft.data.vtab import SPLITS, SUITES, VtabTask, resolve_task, task_folder, verify_task  # noqa: E402
 from vpeft.engine import cli  # noqa: E402
+from vpeft.files import atomic_write  # noqa: E402
 
 
 def _candidates(src: Path) -> list[Path]:

@@ -21,7 +21,9 @@ import yaml
 from PIL import Image
 
 import vpeft
-from tools import compare, predict_medical, show_targets, test as test_tool, train as train_tool
+from tools import compare, predict_medical, show_targets
+from tools import test as test_tool
+from tools import train as train_tool
 from vpeft.engine import cli
 from vpeft.errors import UserError
 

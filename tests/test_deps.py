@@ -9,10 +9,10 @@ import json
 import os.path
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from vpeft.deps import distribution, require
 from vpeft.errors import MissingDependencyError

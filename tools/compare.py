@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vpeft.engine import cli
+from vpeft.errors import MissingFileError
+
 
 def headline(summary: dict[str, Any]) -> tuple[str, float]:
     """The run's headline metric and its test value (summaries from before tasks, all classification, lack
     ``metric``)."""
     metric = summary.get("metric", "top1")
     return metric, summary["test"][metric]
-
-from vpeft.engine import cli
-from vpeft.errors import MissingFileError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-from vpeft.engine.run_dir import open_run
-import vpeft
 from vpeft.engine import cli
-from vpeft.engine.config import load_config
-from vpeft.engine.train import CONFIG, seed_everything
-from vpeft.errors import ConfigError, MissingFileError
+from vpeft.engine.run_dir import open_run
+from vpeft.errors import ConfigError
 from vpeft.medical.inference import save_prediction
 from vpeft.medical.preprocess import Preprocessing
 from vpeft.medical.volumes import load_volumes

@@ -10,14 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from vpeft.engine import cli
 from vpeft.engine.run_dir import evaluate_run
 from vpeft.files import atomic_write
-from vpeft.data import build_loader
-from vpeft.engine import cli
-from vpeft.engine.config import load_config
-from vpeft.engine.distributed import setup
-from vpeft.engine.train import CONFIG, build_run
-from vpeft.errors import MissingFileError
 
 
 def main(argv: list[str] | None = None) -> int:

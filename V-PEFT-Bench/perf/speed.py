@@ -5,10 +5,9 @@
     python V-PEFT-Bench/perf/speed.py --methods lora,bitfit --reps 3 --out /tmp/table.md
     python V-PEFT-Bench/perf/speed.py --model smollm2       # the causal LM: SmolLM2-135M, LoRA r=8 on q and v
 
-Two workloads (``--model``). ``vit_b16``: timm ``vit_base_patch16_224`` (random weights: speed does not depend on them), batch 8 at 224x224. ``smollm2``:
-SmolLM2-135M-Instruct (``vpeft.backbones.causal_lm``), batch 4 of 256 random tokens, next-token loss; methods default
-to ``lora``. Both train with AdamW. Step and
-inference times are medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow
+Two workloads (``--model``). ``vit_b16``: timm ``vit_base_patch16_224`` (random weights: speed does not depend on
+them), batch 8 at 224x224. ``smollm2``: SmolLM2-135M-Instruct (``vpeft.backbones.causal_lm``), batch 4 of 256
+random tokens, next-token loss; methods default to ``lora``. Both train with AdamW. Step and inference times are medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow
 spell of the machine hits all of them alike. Peak memory: on a GPU ``max_memory_allocated`` per variant in this
 process; on the CPU the peak resident set size of a child process per variant (a process's peak cannot be reset).
 glibc's malloc raises its mmap threshold as large blocks are freed and then keeps freed tensors in its heap, which

@@ -14,9 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vpeft.files import atomic_write
 from vpeft.data.fgvc import FGVC
 from vpeft.data.vtab import SUITES
+from vpeft.files import atomic_write
 
 from . import board, plots
 from .protocol import PROTOCOLS, label

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from vpeft.files import atomic_write
 from vpeft.engine.config import config_to_dict, load_config
 from vpeft.engine.system import environment
 from vpeft.engine.train import train
+from vpeft.files import atomic_write
 
 from .protocol import RunSpec
 

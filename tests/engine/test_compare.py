@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import importlib
+import json
 
 from vpeft.tasks import TASKS
 
@@ -35,9 +34,11 @@ def test_headline_metric_of_every_task(tmp_path, capsys):
         summary = {"task": task, "metric": metric_of(task), "test": test, "method": "lora", "wall_seconds": 12.0,
                    "trainable_params": 1000 + i, "trainable_params_with_head": 2000 + i}  # fmt: skip
         (run / "summary.json").write_text(json.dumps(summary))
+        (run / "config.yaml").write_text(f"task: {task}\n")  # what makes it a run directory
         runs.append(str(run))
     old = tmp_path / "before_tasks"  # summaries written before tasks existed have no task and no metric
     old.mkdir()
+    (old / "config.yaml").write_text("model: {name: vit_tiny_patch16_224}\n")
     (old / "summary.json").write_text(json.dumps({"test": TEST_METRICS["classification"], "method": "linear",
                                                   "trainable_params": 7, "trainable_params_with_head": 8,
                                                   "wall_seconds": 1.0}))  # fmt: skip

@@ -111,7 +111,8 @@ def test_a_rank_above_the_narrowest_target_is_refused_before_the_model_changes(m
     with pytest.raises(OptionError) as info:
         vpeft.apply_method(model, method, calibration=calibration, **{option: 65})
     message = str(info.value)
-    assert re.match(rf"{method} option {option}=65 exceeds the rank of target 'blocks\.[01]\.", message)  # soma adapts from block 1
+    # soma adapts from block 1
+    assert re.match(rf"{method} option {option}=65 exceeds the rank of target 'blocks\.[01]\.", message)
     assert "x 64 (out x in)" in message and f"Use {option} <= 64." in message
     assert info.value.option == option
     assert_unchanged(model, before)

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..deps import require
-from ..errors import ConfigError, MissingDependencyError, MissingFileError
+from ..errors import ConfigError, MissingFileError
 from .base import Backbone
 
 _LAYER_LISTS = ("layer", "layers", "h", "blocks")  # BERT/ViT, Llama/Mistral, GPT-2, others

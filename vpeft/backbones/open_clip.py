@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deps import require
-from ..errors import ConfigError, DataError, MissingDependencyError
+from ..errors import ConfigError, DataError
 from .base import Backbone
 
 log = logging.getLogger("vpeft")

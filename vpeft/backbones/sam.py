@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..deps import require
-from ..errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError
 from ..registry import lookup
 from .base import Backbone
 

@@ -5,7 +5,8 @@ This is the core's one public face: code outside ``vpeft/core`` imports from her
 Writing a method
     :class:`AdapterModule` (the base class), :class:`MethodConfig` and :func:`build_config` (options checked field by
     field; the option types ``PositiveInt``, ``NonNegativeInt``, ``DropProbability``, ``ProperFraction``,
-    ``PositiveFloat``, ``NonNegativeFloat``, ``FiniteFloat``, ``Rank`` and ``LenientRank`` declare their ranges, :func:`option_types` says them in words),
+    ``PositiveFloat``, ``NonNegativeFloat``, ``FiniteFloat``, ``Rank`` and ``LenientRank`` declare their ranges,
+    :func:`option_types` says them in words),
     :class:`Target` (one place an adapter attaches), ``WHOLE`` (the part name of a whole-module adapter);
     reading a model as the core does: ``ROLES``, :func:`name_matches`, :func:`fused_parts`, :func:`walk`,
     :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model).

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .config import MethodConfig
 from .modules import WHOLE, Target, weight_and_bias
 
+
 @dataclass
 class Switch:
     """Shared by every wrapper of one model: the active adapter, and whether adapters are bypassed."""

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from vpeft.data.system import SYSTEM_DATA, install_hint
+
 from ..errors import ConfigError, DataError, MissingFileError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -36,7 +37,8 @@ PREPARE_HINTS: dict[str, str] = {
     ),
     "fashion_mnist": (
         f"To use the default root ({FASHION_MNIST_ROOT}), {install_hint('dataset-fashion-mnist')}; or pass "
-        "data.root pointing at a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz."
+        "data.root pointing at a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz."
     ),
 }
 
@@ -94,7 +96,7 @@ def load_rgb(path: str | Path) -> Image.Image:
                 return Image.fromarray(eight).convert("RGB")
             return image.convert("RGB")
     except (OSError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot be read ({type(err).__name__}: {err}).") from None
+        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from None
 
 
 def gray_to_rgb(array: np.ndarray) -> Image.Image:

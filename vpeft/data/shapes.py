@@ -29,12 +29,11 @@ import numpy as np
 from PIL import Image
 
 from ..deps import require
+from ..errors import ConfigError, ExistingPathError
 
 mask_utils = require("pycocotools.mask", "shapes", "the shapes scenes' COCO masks")
 _draw = require("skimage.draw", "shapes", "drawing the shapes scenes")
 disk, polygon = _draw.disk, _draw.polygon
-
-from ..errors import ConfigError, ExistingPathError
 
 CLASSES = ("circle", "square", "triangle")  # class ids 1..3; 0 is background
 MANIFEST = "shapes.json"

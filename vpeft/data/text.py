@@ -71,8 +71,10 @@ def _balanced_splits(
     out: dict[str, list[TextExample]] = {split: [] for split in per_class}
     for label, texts in enumerate(by_class):
         if len(texts) < need:
-            raise DataError(f"{source}: class {label} has {len(texts)} distinct texts, fewer than the {need} its splits "
-                            f"need ({per_class}); lower the split sizes.")
+            raise DataError(
+                f"{source}: class {label} has {len(texts)} distinct texts, fewer than the {need} its splits need "
+                f"({per_class}); lower the split sizes."
+            )
         order = rs.permutation(len(texts))
         start = 0
         for split, count in per_class.items():

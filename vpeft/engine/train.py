@@ -30,10 +30,9 @@ from tqdm import tqdm
 
 import vpeft
 
-from ..errors import ConfigError, MissingFileError
-from ..files import atomic_write
 from ..data import build_loader
 from ..errors import ConfigError, DivergedError, ExistingPathError, MissingFileError
+from ..files import atomic_write
 from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint

@@ -66,7 +66,7 @@ class Task:
         autocast: contextlib.AbstractContextManager | None = None,
         reduce: Reduce | None = None,
     ) -> dict[str, float]:
-        """Metrics of ``model`` over ``loader`` (``reduce``: the sum over data-parallel processes; None: one process)."""
+        """Metrics of ``model`` over ``loader``; ``reduce`` sums over data-parallel processes (None: one process)."""
         was_training = model.training
         model.eval()
         try:
