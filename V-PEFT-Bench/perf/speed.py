@@ -7,8 +7,9 @@
 
 Two workloads (``--model``). ``vit_b16``: timm ``vit_base_patch16_224`` (random weights: speed does not depend on
 them), batch 8 at 224x224. ``smollm2``: SmolLM2-135M-Instruct (``vpeft.backbones.causal_lm``), batch 4 of 256
-random tokens, next-token loss; methods default to ``lora``. Both train with AdamW. Step and inference times are medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow
-spell of the machine hits all of them alike. Peak memory: on a GPU ``max_memory_allocated`` per variant in this
+random tokens, next-token loss; methods default to ``lora``. Both train with AdamW. Step and inference times are
+medians over ``--reps`` rounds; every round visits every variant once (interleaved), so a slow spell of the machine
+hits all of them alike. Peak memory: on a GPU ``max_memory_allocated`` per variant in this
 process; on the CPU the peak resident set size of a child process per variant (a process's peak cannot be reset).
 glibc's malloc raises its mmap threshold as large blocks are freed and then keeps freed tensors in its heap, which
 moves a child's peak by +-50 MB from run to run; the child therefore runs with a fixed ``MALLOC_MMAP_THRESHOLD_``, so
