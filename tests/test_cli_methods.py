@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vpeft.__main__ import main
+from vpeft.engine import cli
 from vpeft.methods import FAMILIES, METHODS
 from vpeft.methods.lora import LoRA, LoRAConfig
 
@@ -53,9 +54,9 @@ def test_options_give_type_default_and_doc(capsys):
 
 
 def test_unknown_method_gives_close_matches_and_status_2(capsys):
-    assert main(["methods", "--options", "lorra"]) == 2
+    assert cli.run(main, ["methods", "--options", "lorra"]) == 2
     err = capsys.readouterr().err
-    assert "unknown method 'lorra'" in err and "Did you mean lora" in err
+    assert err.startswith("error: unknown method 'lorra'") and "Did you mean 'lora'" in err
 
 
 def test_command_line(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import inspect
 import re
 import sys
@@ -45,13 +44,9 @@ def methods() -> int:
 def options(name: str) -> int:
     from .core import option_types
     from .methods import METHODS
+    from .registry import lookup
 
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        print(f"vpeft: unknown method {name!r}.{hint} `python -m vpeft methods` lists them all.", file=sys.stderr)
-        return 2
-    cls = METHODS[name]
+    cls = lookup(METHODS, name, "method")  # an unknown name: close matches, and the command line exits 2
     types = option_types(cls.Config)
     print(f"{name} ({cls.__module__}.{cls.__qualname__}) options, as `option: type = default  (allowed values)`:")
     for field, doc in option_docs(cls.Config):
@@ -119,4 +114,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from .engine import cli
+
+    sys.exit(cli.run(main, sys.argv[1:]))
