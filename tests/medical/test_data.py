@@ -146,14 +146,14 @@ def test_slices_foreground_ratio_and_context(case_3d):
 
 def test_augmentation_keeps_image_and_mask_aligned():
     label = blobs((32, 32), seed=3)
-    transform = augmentation("light", (32, 32))
+    transform = augmentation("light", (32, 32), seed=0)  # seeded draws: the outcome does not depend on luck
     moved = 0
-    for _ in range(6):
+    for _ in range(20):
         out = transform(image=(label > 0)[..., None].astype(np.float32), mask=label.astype(np.int64))
         agree = (out["image"][..., 0] > 0.5) == (out["mask"] > 0)  # brightness and contrast stay within +-0.2
         assert agree.mean() > 0.97, "the image and the mask moved differently"
         moved += not np.array_equal(out["mask"], label)
-    assert moved >= 3  # the geometry did change
+    assert moved >= 7  # the geometry did change (the affine step runs with p = 0.7; seed 0 moves 10 of 20)
 
 
 def test_patches_aligned(case_3d):

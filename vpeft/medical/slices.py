@@ -32,8 +32,9 @@ from .volumes import Volume
 AUGMENTS = ("none", "light")
 
 
-def augmentation(name: str, size: tuple[int, int]) -> A.Compose:
-    """Resize to ``size`` then the named augmentation; no flips by default (left and right organs are classes)."""
+def augmentation(name: str, size: tuple[int, int], seed: int | None = None) -> A.Compose:
+    """Resize to ``size`` then the named augmentation; no flips by default (left and right organs are classes).
+    ``seed`` fixes albumentations' own generator (it draws from neither numpy's nor torch's)."""
     if name not in AUGMENTS:
         raise ConfigError(f"data.options.augment must be one of {AUGMENTS}, got {name!r}.")
     steps: list[Any] = [A.Resize(*size)]
@@ -42,7 +43,7 @@ def augmentation(name: str, size: tuple[int, int]) -> A.Compose:
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), p=0.7),
             A.RandomBrightnessContrast(0.1, 0.1, p=0.5),
         ]
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
 
 
 def slice_of(array: np.ndarray, axis: int, index: int, context: int = 0) -> np.ndarray:
