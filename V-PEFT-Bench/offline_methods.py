@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vpeft.engine import cli  # noqa: E402
 from vpeft.engine.config import load_config  # noqa: E402
 from vpeft.engine.train import train  # noqa: E402
 from vpeft.methods import METHODS  # noqa: E402
@@ -69,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

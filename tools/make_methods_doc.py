@@ -20,6 +20,7 @@ import timm
 import torch
 
 import vpeft
+from vpeft.engine import cli
 from vpeft.methods import METHODS
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

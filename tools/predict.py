@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vpeft.data.common import load_rgb
+from vpeft.engine import cli
 from vpeft.engine.distributed import setup
 from vpeft.engine.run_dir import class_names, open_run
 from vpeft.errors import MissingFileError
@@ -71,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import vpeft
+from vpeft.engine import cli
 from vpeft.methods import METHODS
 
 HF_LORA = "hf_peft_lora"
@@ -300,4 +301,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import timm
 import torch
 
+from vpeft.engine import cli
 from vpeft.methods import _svd
 
 
@@ -66,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))
