@@ -222,17 +222,17 @@ def test_method_option_out_of_range_names_the_key_path_and_its_file(tmp_path):
     assert "method.r (in --set method.r=0): lora option r must be >= 1, got 0." in str(info.value)
 
 
-def test_method_rule_across_options_names_the_option_it_blames(tmp_path):
-    path = write(tmp_path, "run.yaml", MINIMAL + "method: {name: repadapter, dim: 8, groups: 3}\n")
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("{name: repadapter, dim: 8, groups: 3}", "method.groups (in {path}): repadapter option groups must divide "
+         "dim=8, got 3."),  # a rule across options names the option it blames
+        ("{name: earth_adapter, grid: [14, 0]}", "method.grid (in {path}): earth_adapter option grid[1] must be >= 1, "
+         "got 0."),  # an option inside a list is named by its key
+    ],
+)  # fmt: skip
+def test_method_option_errors_name_the_key_and_the_file(tmp_path, method, expected):
+    path = write(tmp_path, "run.yaml", MINIMAL + f"method: {method}\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    message = str(info.value)
-    assert f"method.groups (in {path.resolve()}): repadapter option groups must divide dim=8, got 3." in message
-
-
-def test_method_option_inside_a_list_is_named_by_its_key(tmp_path):
-    path = write(tmp_path, "run.yaml", MINIMAL + "method: {name: earth_adapter, grid: [14, 0]}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert f"method.grid (in {path.resolve()}): earth_adapter option grid[1] must be >= 1, got 0." in message
+    assert expected.format(path=path.resolve()) in str(info.value)
