@@ -17,6 +17,7 @@ import torch
 import vpeft
 from vpeft.core import adapter_names, adapter_record, adapter_tensors
 from vpeft.core.inject import state_of  # the core's own state: that an error leaves none behind
+from vpeft.errors import ConfigError, DataError, MissingFileError
 from vpeft.interop.hf_peft import SIDECAR_FILE
 from vpeft.methods import METHODS
 
@@ -188,7 +189,7 @@ def test_import_peft_rslora(images, tmp_path):
 def test_import_per_module_ranks_is_refused(images, tmp_path):
     base, _, directory = _peft_saved(tmp_path, r=4, target_modules=["qkv", "fc1"], rank_pattern={"fc1": 2})
     model = copy.deepcopy(base)
-    with pytest.raises(ValueError, match="different ranks"):
+    with pytest.raises(DataError, match="different ranks"):
         vpeft.import_hf_peft(model, directory)
     assert state_of(model, required=False) is None  # nothing half-built
     torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
@@ -196,7 +197,7 @@ def test_import_per_module_ranks_is_refused(images, tmp_path):
 
 def test_export_non_lora_method_is_refused(tmp_path):
     _, model = adapted("bitfit")
-    with pytest.raises(ValueError, match="method 'bitfit'.*LoRA family"):
+    with pytest.raises(ConfigError, match="method 'bitfit'.*LoRA family"):
         vpeft.export_hf_peft(model, tmp_path / "hf")
     assert not (tmp_path / "hf" / "adapter_config.json").exists()
 
@@ -205,13 +206,13 @@ def test_export_lora_on_multihead_attention_is_refused(tmp_path):
     model = torch.nn.Sequential()
     model.add_module("attn", torch.nn.MultiheadAttention(16, 2, batch_first=True))
     vpeft.apply_method(model, "lora", targets=["attn[q,v]"], head=())
-    with pytest.raises(ValueError, match="MultiheadAttention 'attn'"):
+    with pytest.raises(ConfigError, match="MultiheadAttention 'attn'"):
         vpeft.export_hf_peft(model, tmp_path / "hf")
 
 
 def test_import_empty_directory(tmp_path, vit):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a Hugging Face PEFT adapter directory"):
+    with pytest.raises(MissingFileError, match="not a Hugging Face PEFT adapter directory"):
         vpeft.import_hf_peft(vit, tmp_path / "empty")
     assert state_of(vit, required=False) is None
 
@@ -223,7 +224,7 @@ def test_import_refuses_pickles(tmp_path, vit):
         json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["qkv"]})
     )
     (directory / "adapter_model.bin").write_bytes(b"not to be unpickled")
-    with pytest.raises(ValueError, match="never unpickles"):
+    with pytest.raises(DataError, match="never unpickles"):
         vpeft.import_hf_peft(vit, directory)
     assert state_of(vit, required=False) is None
 
@@ -233,8 +234,17 @@ def test_import_non_lora_peft_type(tmp_path, vit):
     vpeft.export_hf_peft(model, tmp_path / "hf")
     config_path = tmp_path / "hf" / "adapter_config.json"
     config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), peft_type="IA3")))
-    with pytest.raises(ValueError, match="only Hugging Face PEFT LORA"):
+    with pytest.raises(DataError, match="only Hugging Face PEFT LORA"):
         vpeft.import_hf_peft(vit, tmp_path / "hf")
+
+
+def test_import_names_a_corrupt_config_file(tmp_path, vit):
+    _, model = adapted("lora")
+    vpeft.export_hf_peft(model, tmp_path / "hf")
+    (tmp_path / "hf" / "adapter_config.json").write_text('{"peft_type": "LORA", ')  # cut off mid-write
+    with pytest.raises(DataError, match=r"adapter_config.json is not valid JSON"):
+        vpeft.import_hf_peft(vit, tmp_path / "hf")
+    assert state_of(vit, required=False) is None
 
 
 def test_import_into_wrong_model_leaves_it_unchanged(tmp_path, images):
@@ -252,7 +262,7 @@ def test_import_into_wrong_model_leaves_it_unchanged(tmp_path, images):
 def test_import_keeps_existing_adapter(tmp_path):
     base, model = adapted("lora")
     vpeft.export_hf_peft(model, tmp_path / "hf")
-    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+    with pytest.raises(ConfigError, match="already has an adapter named 'default'"):
         vpeft.import_hf_peft(model, tmp_path / "hf")
     assert adapter_names(model) == ["default"]
 

@@ -77,6 +77,7 @@ from ..core import (
     walk,
     weight_and_bias,
 )
+from ..errors import ConfigError, DataError, MissingFileError
 from ..files import atomic_write
 from ..methods import METHODS
 from ..registry import lookup
@@ -109,7 +110,7 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     name, record = unmerged_adapter(model, adapter_name, "exporting")
     flags = PEFT_FLAGS.get(record.method_cls.lora_variant)
     if flags is None:
-        raise ValueError(
+        raise ConfigError(
             f"cannot export adapter {name!r} (method {record.method!r}) to Hugging Face PEFT: only the LoRA family "
             f"({', '.join(_lora_family())}) has a PEFT LoRA counterpart; save it with vpeft.save_adapter instead."
         )
@@ -137,7 +138,7 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
         dropouts.add(p)
 
     if not ranks:
-        raise ValueError(f"adapter {name!r} has no LoRA target to export.")
+        raise ConfigError(f"adapter {name!r} has no LoRA target to export.")
     for head in head_paths:
         _check_head_name(head, modules, list(ranks))
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -196,26 +197,26 @@ def _export_module(adapted: AdaptedModule, use_dora: bool) -> tuple[dict[str, Te
     """HF tensors (``lora_A.weight``...), the sidecar layout, the scale and the dropout of one adapted module."""
     path, base = adapted.path, adapted.base
     if isinstance(base, nn.MultiheadAttention):
-        raise ValueError(
+        raise ConfigError(
             f"cannot export LoRA on nn.MultiheadAttention {path!r} to Hugging Face PEFT: PEFT adapts an MHA's in- "
             "and out-projections together with its own layout. Exportable targets are nn.Linear, HF Conv1D and "
             "nn.Conv2d (dilation 1, groups 1); sliced fused qkv Linears export as block-structured LoRAs."
         )
     conv = isinstance(base, nn.Conv2d)
     if conv and (base.groups != 1 or tuple(base.dilation) != (1, 1)):
-        raise ValueError(
+        raise ConfigError(
             f"cannot export LoRA on Conv2d {path!r} (groups={base.groups}, dilation={base.dilation}): "
             "Hugging Face PEFT's conv LoRA has no dilation; dilation 1, groups 1 export."
         )
     if not (conv or isinstance(base, nn.Linear) or is_conv1d(base)):
-        raise ValueError(
+        raise ConfigError(
             f"cannot export LoRA on {type(base).__name__} {path!r}: exportable targets are nn.Linear, "
             "HF Conv1D and nn.Conv2d."
         )
     parts = adapted.parts
     unknown = [p for p in parts if p not in PART_ORDER]
     if unknown:
-        raise ValueError(f"cannot export part {unknown[0]!r} of {path!r} to Hugging Face PEFT.")
+        raise ConfigError(f"cannot export part {unknown[0]!r} of {path!r} to Hugging Face PEFT.")
     weight, _ = weight_and_bias(base)  # (out, in, ...)
     out_full = weight.shape[0]
     a_list, b_list, info_parts = [], [], []
@@ -243,7 +244,7 @@ def _export_module(adapted: AdaptedModule, use_dora: bool) -> tuple[dict[str, Te
             magnitude = magnitude.clone()
             magnitude[rows] = mag
     if len(scales) != 1:
-        raise ValueError(f"the parts of {path!r} have LoRA scales {sorted(scales)}; HF PEFT has one per module.")
+        raise ConfigError(f"the parts of {path!r} have LoRA scales {sorted(scales)}; HF PEFT has one per module.")
     a = torch.cat(a_list, 0)
     b = torch.cat(b_list, 1)
     if conv:
@@ -259,7 +260,7 @@ def _magnitude(module: nn.Module, path: str) -> Tensor:
     value = getattr(module, _MAGNITUDE_KEY, None)
     if isinstance(value, Tensor):
         return value.detach()
-    raise ValueError(f"cannot find the DoRA magnitude of {path!r} ({type(module).__name__}) to export.")
+    raise ConfigError(f"cannot find the DoRA magnitude of {path!r} ({type(module).__name__}) to export.")
 
 
 def _clean(x: float) -> float | int:
@@ -287,7 +288,7 @@ def _check_head_name(head: str, modules: dict[str, nn.Module], targets: list[str
     clash = [p for p in modules if p.endswith(head) and p != head and not p.startswith(head + ".")]
     clash += [t for t in targets if re.match(rf"(^|.*\.){re.escape(head)}($|\..*)", t)]
     if clash:
-        raise ValueError(
+        raise ConfigError(
             f"cannot export head {head!r} to Hugging Face PEFT: its modules_to_save matching (path suffix) would "
             f"also catch {clash[:3]}. Export without this head (apply the method with head=()) or rename modules."
         )
@@ -307,7 +308,7 @@ def import_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     """
     directory = Path(directory)
     if adapter_name in adapter_names(model):
-        raise ValueError(
+        raise ConfigError(
             f"the model already has an adapter named {adapter_name!r} "
             f"({adapter_record(model, adapter_name).method}); pass another adapter_name= or remove it with "
             "vpeft.delete_adapter(model, name)."
@@ -325,34 +326,44 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not weights_path.is_file():
         pickles = [p.name for p in (directory / "adapter_model.bin", directory / "adapter_model.pt") if p.is_file()]
         if pickles:
-            raise ValueError(
+            raise DataError(
                 f"{directory} holds only {pickles[0]}, a pickle; vpeft never unpickles adapter files (loading a pickle "
                 "can run arbitrary code). Convert it to adapter_model.safetensors with PEFT "
                 "(model.save_pretrained(dir, safe_serialization=True)) from an environment you trust."
             )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{weights_path} does not exist: not a Hugging Face PEFT adapter directory "
             f"(expected {CONFIG_FILE} and {WEIGHTS_FILE})."
         )
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: not a Hugging Face PEFT adapter directory.")
-    config = json.loads(config_path.read_text())
+        raise MissingFileError(f"{config_path} does not exist: not a Hugging Face PEFT adapter directory.")
+    config = _read_json(config_path)
     if config.get("format") == "vpeft.adapter":
-        raise ValueError(f"{directory} is a vpeft adapter, not a Hugging Face PEFT one: use vpeft.load_adapter.")
+        raise DataError(f"{directory} is a vpeft adapter, not a Hugging Face PEFT one: use vpeft.load_adapter.")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise ValueError(
+        raise DataError(
             f"{config_path} has peft_type {config.get('peft_type')!r}; vpeft imports only Hugging Face "
             "PEFT LORA adapters (with use_dora when vpeft's 'dora' method is available)."
         )
     return config, load_bytes(weights_path.read_bytes())
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); re-export the adapter.") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} must hold a JSON object, got {type(value).__name__}; re-export the adapter.")
+    return value
+
+
 def _read_sidecar(directory: Path) -> dict[str, Any] | None:
     path = directory / SIDECAR_FILE
     if not path.is_file():
         return None
-    sidecar = json.loads(path.read_text())
+    sidecar = _read_json(path)
     if sidecar.get("format") != SIDECAR_FORMAT or sidecar.get("format_version", 0) > SIDECAR_VERSION:
         log.warning(
             "vpeft: ignoring %s (format %r, version %r)", path, sidecar.get("format"), sidecar.get("format_version")
@@ -381,13 +392,13 @@ def _import_sidecar(
     """Rebuild the exported vpeft adapter (its method, options, sliced targets) and split the tensors back."""
     method = sidecar["method"]
     if method not in METHODS:
-        raise ValueError(f"{directory} was exported from a vpeft {method!r} adapter, a method this vpeft lacks.")
+        raise DataError(f"{directory} was exported from a vpeft {method!r} adapter, a method this vpeft lacks.")
     modules = dict(walk(model))
     converted: dict[str, Tensor] = {}
     for path, info in sidecar["modules"].items():
         a, b = tensors.get(f"{path}.lora_A.weight"), tensors.get(f"{path}.lora_B.weight")
         if a is None or b is None:
-            raise ValueError(
+            raise DataError(
                 f"{directory}: {WEIGHTS_FILE} lacks the LoRA tensors of {path!r} that {SIDECAR_FILE} lists."
             )
         b = b.reshape(b.shape[0], -1)
@@ -426,7 +437,7 @@ def _import_sidecar(
         try:
             _add(model, method, adapter_name, explicit)
         except ValueError as err:
-            raise ValueError(f"cannot import the adapter in {directory}: {err}") from None
+            raise ConfigError(f"cannot import the adapter in {directory}: {err}") from None
     return _fill(model, adapter_name, converted, directory)
 
 
@@ -448,16 +459,16 @@ def _import_whole(
     }
     for field, what in unsupported.items():
         if config.get(field):
-            raise ValueError(f"cannot import {directory}: it uses {what} ({field}), which vpeft's LoRA lacks.")
+            raise DataError(f"cannot import {directory}: it uses {what} ({field}), which vpeft's LoRA lacks.")
     if config.get("bias", "none") != "none":
-        raise ValueError(
+        raise DataError(
             f"cannot import {directory}: bias={config['bias']!r} trains base biases; vpeft imports "
             "bias='none' LoRA adapters (use vpeft's bitfit for biases)."
         )
     use_dora = bool(config.get("use_dora"))
     method = "dora" if use_dora else "lora"
     if method not in METHODS:
-        raise ValueError(f"cannot import {directory}: it is a DoRA adapter (use_dora) and vpeft has no 'dora' method.")
+        raise DataError(f"cannot import {directory}: it is a DoRA adapter (use_dora) and vpeft has no 'dora' method.")
 
     modules = dict(walk(model))
     lora_keys = {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
@@ -468,14 +479,14 @@ def _import_whole(
         if suffix is not None:
             targets.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
         elif ".lora_" in key:
-            raise ValueError(
+            raise DataError(
                 f"cannot import {directory}: tensor {key!r} is of a LoRA kind vpeft lacks "
                 "(embedding LoRA, lora_B bias...)."
             )
         else:
             rest[key] = value
     if not targets:
-        raise ValueError(f"cannot import {directory}: {WEIGHTS_FILE} holds no lora_A/lora_B tensors.")
+        raise DataError(f"cannot import {directory}: {WEIGHTS_FILE} holds no lora_A/lora_B tensors.")
     order = {p: i for i, p in enumerate(modules)}  # model order, as vpeft lists targets
     targets = dict(sorted(targets.items(), key=lambda kv: order.get(kv[0], len(order))))
 
@@ -485,16 +496,16 @@ def _import_whole(
     rs, scales = {}, {}
     for path, parts in targets.items():
         if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
-            raise ValueError(f"cannot import {directory}: {path!r} lacks lora_A or lora_B.")
+            raise DataError(f"cannot import {directory}: {path!r} lacks lora_A or lora_B.")
         saved_r = parts["lora_A.weight"].shape[0]
         r_cfg = int(rank_pattern.get(_hf_pattern_key(rank_pattern, path), r_default))
         if r_cfg != saved_r:
-            raise ValueError(f"cannot import {directory}: {path!r} has lora_A of rank {saved_r}, config says {r_cfg}.")
+            raise DataError(f"cannot import {directory}: {path!r} has lora_A of rank {saved_r}, config says {r_cfg}.")
         alpha = float(alpha_pattern.get(_hf_pattern_key(alpha_pattern, path), alpha_default))
         rs[path] = saved_r
         scales[path] = alpha / math.sqrt(saved_r) if config.get("use_rslora") else alpha / saved_r
     if len(set(rs.values())) > 1 or len(set(scales.values())) > 1:
-        raise ValueError(
+        raise DataError(
             f"cannot import {directory}: its modules have different ranks {sorted(set(rs.values()))} or scales "
             f"{sorted(set(scales.values()))}, and a vpeft LoRA adapter has one r and one alpha for all targets."
         )
@@ -505,12 +516,12 @@ def _import_whole(
     converted: dict[str, Tensor] = {}
     for path, parts in targets.items():
         if path not in modules:
-            raise ValueError(
+            raise DataError(
                 f"cannot import {directory}: the model ({type(model).__qualname__}) has no module {path!r}."
             )
         base = modules[path]
         if isinstance(base, nn.Conv2d) and (base.groups != 1 or tuple(base.dilation) != (1, 1)):
-            raise ValueError(
+            raise DataError(
                 f"cannot import {directory}: Conv2d {path!r} has groups/dilation, which HF PEFT's conv "
                 "LoRA ignores and vpeft's honours; the outputs would differ."
             )
@@ -530,7 +541,7 @@ def _import_whole(
     try:
         _add(model, method, adapter_name, options)
     except ValueError as err:
-        raise ValueError(f"cannot import the adapter in {directory}: {err}") from None
+        raise ConfigError(f"cannot import the adapter in {directory}: {err}") from None
     return _fill(model, adapter_name, converted, directory)
 
 
@@ -560,7 +571,7 @@ def _heads_from_file(
     for key in rest:
         owners = [p for p in modules if key.startswith(p + ".") and any(p.endswith(m) for m in modules_to_save)]
         if not owners:
-            raise ValueError(
+            raise DataError(
                 f"cannot import {directory}: tensor {key!r} is neither LoRA nor part of a "
                 f"modules_to_save module ({modules_to_save})."
             )
