@@ -11,8 +11,10 @@ import nibabel.testing
 import numpy as np
 import pytest
 
+from vpeft.data.loader import build_loader
 from vpeft.medical import Preprocessing, SliceDataset, load_volumes, read_datalist
 from vpeft.medical.slices import PatchDataset, augmentation
+from vpeft.medical.volumes import Volume
 
 from .conftest import blobs, write_datalist, write_nifti
 
@@ -154,6 +156,24 @@ def test_augmentation_keeps_image_and_mask_aligned():
         assert agree.mean() > 0.97, "the image and the mask moved differently"
         moved += not np.array_equal(out["mask"], label)
     assert moved >= 7  # the geometry did change (the affine step runs with p = 0.7; seed 0 moves 10 of 20)
+
+
+def test_loader_workers_augment_independently_and_reproducibly():
+    """Eight copies of one slice, one per batch, over two workers: each worker draws its own augmentations (a forked
+    copy of one generator would give both workers the same draws), and the same seed and epoch give the same batches."""
+    label = blobs((32, 32), seed=3)[None, ..., None].repeat(8, axis=-1).astype(np.int16)  # (1, X, Y, 8): equal slices
+    volume = Volume("same", (label > 0).astype(np.float32), label, np.eye(4), (1.0,) * 3, "-", np.eye(4), (32,) * 3)
+    data = SliceDataset([volume], (32, 32), augment="light", seed=0)
+
+    def batches(epoch: int) -> list[np.ndarray]:
+        loader = build_loader(data, 1, train=True, num_workers=2, seed=0, epoch=epoch)
+        return [b["label"][0].numpy() for b in loader]
+
+    first = batches(0)
+    assert len({a.tobytes() for a in first}) >= 6  # worker 0 serves items 0, 2, 4..., worker 1 items 1, 3, 5...
+    for a, b in zip(first, batches(0), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, batches(1), strict=True))  # a new epoch, new draws
 
 
 def test_patches_aligned(case_3d):

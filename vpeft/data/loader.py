@@ -81,11 +81,16 @@ class EpochSampler(Sampler[int]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed Python's ``random`` and ``numpy`` from the worker's torch seed."""
+    """``worker_init_fn``: seed Python's ``random`` and ``numpy`` from the worker's torch seed, and a dataset whose
+    transforms draw from a generator of their own (albumentations) through its ``reseed(seed)``: forked workers
+    would otherwise all continue one copied generator and augment alike."""
     del worker_id
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
+    reseed = getattr(torch.utils.data.get_worker_info().dataset, "reseed", None)
+    if reseed is not None:
+        reseed(worker_seed)
 
 
 def build_loader(

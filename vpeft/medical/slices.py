@@ -75,8 +75,12 @@ class SliceDataset(Dataset):
         if foreground_ratio is not None and not 0.0 < foreground_ratio <= 1.0:
             raise ConfigError(f"data.options.foreground_ratio must be in (0, 1] or null, got {foreground_ratio}.")
         self.volumes, self.axis, self.context = list(volumes), axis, context
-        self.transform = augmentation(augment, size)
+        self.transform = augmentation(augment, size, seed)  # in the main process (num_workers 0): from train.seed
         self.index = self._choose(foreground_ratio, np.random.default_rng(seed))
+
+    def reseed(self, seed: int) -> None:
+        """Called in each loader worker with its own seed (:func:`vpeft.data.loader.seed_worker`)."""
+        self.transform.set_random_seed(seed)
 
     def _choose(self, ratio: float | None, rng: np.random.Generator) -> list[tuple[int, int]]:
         fg, bg = [], []
