@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, NonNegativeInt, PositiveInt, Target
-from ._blocks import dropout, quick_gelu
+from ._blocks import dropout, quick_gelu, require_patch_grid
 
 CONV_INITS = ("xavier", "identity")
 
@@ -80,6 +80,13 @@ class Convpass(AdapterModule):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.dropout = dropout(config.dropout)
+
+    @classmethod
+    def prepare(
+        cls, config: ConvpassConfig, model: nn.Module, targets: list[Target], calibration: Any
+    ) -> ConvpassConfig:
+        require_patch_grid("convpass", model, "runs a 3x3 convolution over the tokens laid out on the 2-D patch grid")
+        return config
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
         return y + self.scale * self.bypass(x)

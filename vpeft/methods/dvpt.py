@@ -31,7 +31,8 @@ Where this follows the paper against the official code (``NKUhealong/DVPT``):
 * The code zero-initialises the gate g and keeps W_u at PyTorch's init; here W_u and b_u are zero and g starts at 1
   (also the identity at init; a zero gate *and* a zero W_u would never train).
 
-Placement: targets ``("mlp", "norm2")``; the parameter-free wrapper on ``norm2`` hands its input (the residual stream)
+Placement: targets ``("mlp", "mlp_norm")`` (``mlp_norm`` is the role of ``norm2``, GPT-2's ``ln_2``, Llama's
+``post_attention_layernorm``); the parameter-free wrapper on ``norm2`` hands its input (the residual stream)
 to the adapter on the ``mlp`` of the same block, as in AdaptFormer. With ``targets=("mlp",)`` the adapter reads the
 MLP input ``norm2(X)`` instead. Prefix (class) tokens are ordinary keys and are updated like the patch tokens.
 """
@@ -51,7 +52,7 @@ from ._blocks import ResidualTaps, block_of, quick_gelu
 
 @dataclass
 class DVPTConfig(MethodConfig):
-    targets: tuple[str, ...] = ("mlp", "norm2")  # norm2 taps the residual stream (see the module docstring)
+    targets: tuple[str, ...] = ("mlp", "mlp_norm")  # the norm taps the residual stream (see the module docstring)
     latent: PositiveInt = 20  # c, the bottleneck width
     num_prompts: PositiveInt = 10  # M, per block
     share_every: PositiveInt = 3  # consecutive adapted blocks sharing one bottleneck (W_d, W_u, g)

@@ -66,7 +66,8 @@ class RepAdapter(AdapterModule):
 
     @classmethod
     def accepts(cls, target: Target, config: RepAdapterConfig) -> bool:
-        return target.part == WHOLE  # adapt_input acts on the whole layer's input, never on one slice
+        """whole layers, not slices of a fused projection (the adapter changes the input the whole layer reads)."""
+        return target.part == WHOLE
 
     def _up(self, z: Tensor) -> Tensor:
         g, d = self.groups, self.up.shape[0]

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, MethodConfig, NonNegativeInt, PositiveInt, Target
-from ._blocks import dropout
+from ._blocks import dropout, require_patch_grid
 
 
 @dataclass
@@ -77,6 +78,19 @@ class VPTShallow(AdapterModule):
             v = math.sqrt(6.0 / (3 * config.patch_size**2 + width))
             nn.init.uniform_(self.prompts, -v, v)
         self.dropout = dropout(config.dropout if self.prompts is not None else 0.0)
+
+    @classmethod
+    def prepare(
+        cls, config: VPTShallowConfig, model: nn.Module, targets: list[Target], calibration: Any
+    ) -> VPTShallowConfig:
+        require_patch_grid(
+            "vpt",
+            model,
+            "inserts prompt tokens into the token sequence between blocks; a language model builds its attention "
+            "mask, position ids and KV cache for the input's length before its blocks run, so tokens inserted there "
+            "break them. Prompts belong beside the patch tokens of an image",
+        )
+        return config
 
     def adapt_input(self, x: Tensor) -> Tensor:
         if self.prompts is None:
