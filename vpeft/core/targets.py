@@ -159,6 +159,8 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
         for path in typed:
             add(path, None, "target_types", strict=False)
 
+    if chosen:  # the filters below took every target away, not the method: say so
+        passed_over.clear()
     for pattern in config.exclude:
         base, parts = _split(pattern)
         _check_regex(base)

@@ -75,7 +75,7 @@ class ResidualTaps:
         norms = [block_of(t) for t in targets if t.kind == "norm"]
         unpaired = sorted(set(norms) ^ set(mlps) | {b for b in norms if norms.count(b) > 1}) if norms else []
         if unpaired:
-            raise ValueError(
+            raise ConfigError(
                 f"{method} pairs each MLP with one norm of the same block (its input is the residual stream the norm "
                 f"reads); unpaired or ambiguous in {unpaired}. Target both (the default targets=('mlp', 'mlp_norm')) "
                 "or only the MLPs (targets=('mlp',), which reads norm2(x))."

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, Target
+from ..errors import ConfigError
 from ._blocks import Taps, block_of, dropout
 
 
@@ -55,7 +56,7 @@ class AdaptFormer(AdapterModule):
             return  # a tap holds no tensors: it only passes the residual stream on
         width = target.out_features
         if shared.taps.active and target.in_features != width:
-            raise ValueError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
+            raise ConfigError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
         self.scale = config.scale
         self.down = nn.Linear(width, config.dim)  # (dim, D)
         self.up = nn.Linear(config.dim, width)  # (D, dim)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, NonNegativeInt, PositiveInt, Target
+from ..errors import ConfigError
 from ._blocks import dropout, quick_gelu, require_patch_grid
 
 CONV_INITS = ("xavier", "identity")
@@ -59,7 +60,7 @@ class Convpass(AdapterModule):
     def __init__(self, target: Target, config: ConvpassConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
         if target.kind == "mha" and not target.module.batch_first:
-            raise ValueError(
+            raise ConfigError(
                 f"convpass needs (batch, tokens, dim) inputs; {target.name!r} is a sequence-first "
                 "nn.MultiheadAttention."
             )

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, PositiveInt, Target
+from ..errors import ConfigError
 from ._blocks import ResidualTaps, block_of, quick_gelu
 
 
@@ -68,7 +69,7 @@ class DVPTShared(nn.Module):
         self.group = {p: i // config.share_every for i, p in enumerate(parents)}
         widths = {t.out_features for t in mlps}
         if len(widths) != 1:
-            raise ValueError(f"dvpt shares one bottleneck between blocks of one width; the MLPs have widths {widths}.")
+            raise ConfigError(f"dvpt shares one bottleneck between blocks of one width; the MLPs have widths {widths}.")
         width, c = widths.pop(), config.latent
         self.down = nn.ModuleList(nn.Linear(width, c) for _ in range(max(self.group.values()) + 1))
         self.up = nn.ModuleList(nn.Linear(c, width) for _ in self.down)
@@ -92,7 +93,7 @@ class DVPT(AdapterModule):
         if self.tap:
             return  # a tap holds no tensors: it passes the residual stream on
         if shared.taps.active and target.in_features != target.out_features:
-            raise ValueError(f"dvpt on {target.name!r}: the residual stream must have the width of its output.")
+            raise ConfigError(f"dvpt on {target.name!r}: the residual stream must have the width of its output.")
         self.group = shared.group[self.block]
         self.prompts = nn.Parameter(torch.empty(config.num_prompts, config.latent))  # P_l (M, c)
         nn.init.trunc_normal_(self.prompts, std=0.02)

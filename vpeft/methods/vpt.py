@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, MethodConfig, NonNegativeInt, PositiveInt, Target
+from ..errors import ConfigError
 from ._blocks import dropout, require_patch_grid
 
 
@@ -56,7 +57,7 @@ def _block_width(target: Target) -> int:
             return int(m.normalized_shape[-1])
         if isinstance(m, nn.Linear):
             return m.in_features
-    raise ValueError(f"vpt cannot tell the token width of {target.name!r} ({type(target.module).__name__}).")
+    raise ConfigError(f"vpt cannot tell the token width of {target.name!r} ({type(target.module).__name__}).")
 
 
 class VPTShallow(AdapterModule):
