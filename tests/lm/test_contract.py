@@ -215,3 +215,15 @@ def test_merge_equals_unmerged_and_unmerge_restores(method, lm):
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
     with vpeft.disabled(model):  # the original weights are back
         torch.testing.assert_close(logits(model, batch), logits(base, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "lm"), APPLIED)
+def test_adapters_are_made_in_the_base_dtype(method, lm):
+    """Applied to a model already cast to float64, a method's tensors follow it and compute what float32 ones do."""
+    model = TINY_LMS[lm]().double()
+    vpeft.apply_method(model, method, calibration=calibration(method), **LM_OPTIONS.get(method, {}))
+    batch = batches(1, seed=4)[0]
+    out = logits(model, batch)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), logits(adapted(method, lm)[1], batch), rtol=1e-4, atol=1e-4)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float64}
