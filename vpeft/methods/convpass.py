@@ -18,7 +18,8 @@ while the others start it as the identity (zero kernel with ``I`` on the centre 
 
 Grid: the wrapped module sees ``num_prefix_tokens + h * w`` tokens; the grid is taken to be square (h = w =
 sqrt(tokens - prefix)), as for timm ViTs at their native resolution. Set ``num_prefix_tokens`` for models with
-register or distillation tokens (timm's ``model.num_prefix_tokens``).
+register or distillation tokens (timm's ``model.num_prefix_tokens``). A model without a patch embedding (a language
+model) has no grid and is refused before anything changes.
 
 Against the official code: it hard-codes a 14 x 14 grid and one class token; the grid here follows the token count.
 Official Convpass draws its own drop-path mask for each bypass; here the bypass sits inside the wrapped sub-block, so

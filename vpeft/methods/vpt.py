@@ -20,6 +20,8 @@ p = 50), deep 12 * 768 p (92,160 at p = 10). Not mergeable (extra tokens), and n
 ``num_prefix_tokens`` (default 1, the class token) says where the prompts go; set timm's ``model.num_prefix_tokens``
 for models with register or distillation tokens. Attention masks passed to the blocks are not extended for the
 prompts. Shallow VPT places zero-parameter modules on the middle blocks (they just pass the sequence on).
+A model without a patch embedding (a language model, whose attention mask, position ids and KV cache are sized to the
+input before its blocks run) is refused before anything changes.
 """
 
 from __future__ import annotations
