@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .config import MethodConfig, check_ranks
 from .layers import Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
 from .modules import WHOLE, fused_parts
@@ -158,6 +159,13 @@ def add_adapter(
     check_ranks(config, targets, method)  # before the first SVD or allocation of an update that does not fit
     heads = find_heads(model, config)
     trainable_base = method_cls.trainable_base(config, model)
+    if not targets and not heads and not trainable_base:
+        raise ConfigError(
+            f"method {method!r} would train nothing on {type(model).__name__}: it adapts no module, and the model has "
+            "no task head (none passed as head=, none reported by get_classifier(), no module named classifier or "
+            "score). Name the layer to train with head=(...) (a causal LM's output layer: head=('lm_head',)), or "
+            "use a method that adapts the model itself (lora)."
+        )
     shared = method_cls.build_shared(config, targets)
     if shared is not None:
         _place_like(shared, model)

@@ -55,6 +55,8 @@ class Target:
 
 def _width(module: nn.Module, first: bool) -> int:
     shape = getattr(module, "normalized_shape", None) or getattr(module, "num_features", None)
+    if shape is None and is_rms_norm(module):
+        shape = module.weight.shape
     if shape is not None:
         return int(shape[-1]) if isinstance(shape, (tuple, list)) else int(shape)
     linears = [m for m in module.modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
@@ -75,7 +77,7 @@ def kind_of(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
-    if isinstance(module, _NORMS):
+    if isinstance(module, _NORMS) or is_rms_norm(module):
         return "norm"
     return "module"
 
@@ -99,10 +101,17 @@ def fused_parts(module: nn.Module) -> dict[str, slice]:
 def weight_and_bias(module: nn.Module, rows: slice | None = None) -> tuple[Tensor, Tensor | None]:
     """Views of ``module``'s weight in ``(out, in, ...)`` layout and its bias, limited to output ``rows`` if given."""
     weight = module.weight.T if is_conv1d(module) else module.weight  # HF Conv1D stores (in, out)
-    bias = module.bias
+    bias = getattr(module, "bias", None)  # RMS norms have none
     if rows is not None:
         weight, bias = weight[rows], (bias[rows] if bias is not None else None)
     return weight, bias
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """An RMS norm as model libraries write their own (``LlamaRMSNorm``, timm's ``RmsNorm``): ``weight * x / rms(x)``
+    over the last dimension, matched by duck type (the class name and a 1-D weight), as ``nn.RMSNorm`` is by type."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.lower().endswith("rmsnorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -42,8 +42,11 @@ ROLES: dict[str, tuple[str, ...]] = {
     "attn_out": ("attn.proj", r".*attn\.out_proj", "attention.output.dense", "self_attn.o_proj", "attn.c_proj"),
     "mlp_in": ("mlp.fc1", "mlp.c_fc", "mlp.lin1", "intermediate.dense", "mlp.up_proj"),  # lin1: segment_anything
     "mlp_out": ("mlp.fc2", "mlp.c_proj", "mlp.lin2", r".*layer\.\d+\.output\.dense", "mlp.down_proj"),
-    # whole sub-blocks: their input is the normalised residual stream, their output goes back into it
-    "attn": ("attn",),
+    # whole sub-blocks: their input is the normalised residual stream, their output goes back into it; blocks of timm,
+    # open_clip, HF encoders (BERT, ViT), HF decoders (Llama ``layers``, GPT-2 ``h``)
+    "attn": ("attn", "self_attn"),  # HF Llama, Mistral, Qwen
     "mlp": ("mlp", r".*layer\.\d+\.output\.dense"),
-    "block": (r"(.*\.)?blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+"),
+    # the norm the MLP reads in a pre-norm block, whose input is the residual stream (timm/SAM, open_clip, GPT-2, Llama)
+    "mlp_norm": ("norm2", "ln_2", "post_attention_layernorm"),
+    "block": (r"(.*\.)?blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+", r"(.*\.)?h\.\d+"),
 }

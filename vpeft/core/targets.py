@@ -9,11 +9,13 @@ the ``base_layer`` that a wrapper inserts is left out, so adapters stack without
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from collections.abc import Iterator
 
 from torch import nn
 
+from ..errors import ConfigError
 from .config import MethodConfig
 from .layers import Adapted, AdapterModule
 from .modules import WHOLE, Target, fused_parts, kind_of
@@ -66,7 +68,7 @@ def _check_regex(pattern: str) -> None:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"target pattern {pattern!r} is not a valid regular expression: {err}") from None
+            raise ConfigError(f"target pattern {pattern!r} is not a valid regular expression: {err}") from None
 
 
 def find_heads(model: nn.Module, config: MethodConfig) -> list[str]:
@@ -77,7 +79,7 @@ def find_heads(model: nn.Module, config: MethodConfig) -> list[str]:
         for pattern in config.head:
             hits = [p for p in modules if name_matches(p, pattern)]
             if not hits:
-                raise ValueError(_no_match(f"head pattern {pattern!r}", modules))
+                raise ConfigError(_no_match(f"head pattern {pattern!r}", modules))
             names += [h for h in hits if h not in names and not any(h.startswith(n + ".") for n in names)]
         return names
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -97,19 +99,21 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
     heads = find_heads(model, config)
     in_head = lambda p: any(p == h or p.startswith(h + ".") for h in heads)  # noqa: E731
     chosen: dict[tuple[str, str], None] = {}  # ordered set of (path, part)
+    passed_over: dict[str, str] = {}  # path -> why a match is no target: its kind, or the method's accepts()
 
     def add(path: str, parts: tuple[str, ...] | None, source: str, strict: bool) -> bool:
         module = modules[path]
         kind = kind_of(module)
         if "module" not in method.wraps and kind not in method.wraps:
             if strict:
-                raise ValueError(
+                raise ConfigError(
                     f"{source} matched {path!r} ({type(module).__name__}), but {name!r} adapts only "
                     f"{', '.join(method.wraps)} modules."
                 )
+            passed_over[path] = "kind"
             return False
         if kind == "mha" and parts is None and strict and "mha" in method.wraps:
-            raise ValueError(
+            raise ConfigError(
                 f"{source} matched nn.MultiheadAttention {path!r}: name its projections, "
                 f"e.g. '{path}[q,v]' or '{path}.out_proj'."
             )
@@ -118,12 +122,13 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
             bad = [p for p in parts if p not in available]
             if bad:
                 if strict:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{source}: {path!r} ({type(module).__name__}) has no slice {bad[0]!r}; "
                         + (f"its slices are {list(available)}." if available else "it is not a fused projection.")
                     )
                 return False
         if not method.accepts(_target(path, module, parts[0] if parts else WHOLE), config):
+            passed_over[path] = "accepts"
             return False
         for part in parts or (WHOLE,):
             chosen[(path, part)] = None
@@ -131,7 +136,7 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
 
     typed = [p for p, m in modules.items() if type(m).__name__ in config.target_types and not in_head(p)]
     if config.target_types and not typed:
-        raise ValueError(
+        raise ConfigError(
             f"target_types {list(config.target_types)} match no module; types in the model: "
             f"{sorted({type(m).__name__ for m in modules.values()})}."
         )
@@ -149,28 +154,30 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
                     hit |= add(path, parts, f"target {entry!r}", strict)
         if not hit:
             what = f"role {entry!r} (conventions: {', '.join(ROLES[entry])})" if entry in ROLES else f"{entry!r}"
-            raise ValueError(_no_match(f"target {what}", modules))
+            raise ConfigError(_no_match(f"target {what}", modules))
     if config.target_types and not config.targets:
         for path in typed:
             add(path, None, "target_types", strict=False)
 
+    if chosen:  # the filters below took every target away, not the method: say so
+        passed_over.clear()
     for pattern in config.exclude:
         base, parts = _split(pattern)
         _check_regex(base)
         dropped = [k for k in chosen if name_matches(k[0], base) and (parts is None or k[1] in parts)]
         if not any(name_matches(p, base) for p in modules):
-            raise ValueError(_no_match(f"exclude pattern {pattern!r}", modules))
+            raise ConfigError(_no_match(f"exclude pattern {pattern!r}", modules))
         for k in dropped:
             del chosen[k]
     if config.layers is not None:
         present = {block_index(p) for p, _ in chosen} - {None}
         missing = sorted(set(config.layers) - present)
         if missing:
-            raise ValueError(f"layers {missing} hold no target; the targets sit in blocks {sorted(present)}.")
+            raise ConfigError(f"layers {missing} hold no target; the targets sit in blocks {sorted(present)}.")
         chosen = {k: None for k in chosen if block_index(k[0]) in set(config.layers)}
 
     if not chosen and method.needs_targets:
-        raise ValueError(f"method {name!r} found no target module after excludes and layer filters.")
+        raise ConfigError(_nothing_taken(model, method, name, passed_over, modules))
     targets = [_target(path, modules[path], part) for path, part in chosen]
     for i, t in enumerate(targets):
         t.position, t.count = i, len(targets)
@@ -179,6 +186,25 @@ def select_targets(model: nn.Module, config: MethodConfig, method: type[AdapterM
 
 def _target(path: str, module: nn.Module, part: str) -> Target:
     return Target(path, module, part, kind_of(module), block_index(path))
+
+
+def _nothing_taken(
+    model: nn.Module, method: type[AdapterModule], name: str, passed_over: dict[str, str], modules: dict[str, nn.Module]
+) -> str:
+    """Why ``method`` adapts nothing: the modules its targets matched and what it wants of them, in its own words."""
+    if not passed_over:
+        return f"method {name!r} found no target module after excludes and layer filters."
+    listed = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in list(passed_over)[:4])
+    more = f" and {len(passed_over) - 4} more" if len(passed_over) > 4 else ""
+    reasons = []
+    if "kind" in passed_over.values():
+        reasons.append(f"it adapts only {', '.join(method.wraps)} modules")
+    if "accepts" in passed_over.values():
+        reasons.append(f"it takes only: {inspect.getdoc(method.accepts)}")
+    return (
+        f"method {name!r} adapts nothing in {type(model).__name__}: its targets matched {listed}{more}, and "
+        f"{'; '.join(reasons)}"
+    )
 
 
 def _is_mha_out_proj(path: str, modules: dict[str, nn.Module]) -> bool:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Target
+from ..errors import ConfigError
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -45,6 +46,18 @@ def dropout(p: float) -> nn.Module:
     return Dropout(p) if p > 0 else nn.Identity()
 
 
+def require_patch_grid(method: str, model: nn.Module, needs: str) -> None:
+    """Refuse a method made for the patch tokens of a vision transformer, before it changes anything, on a model with
+    no patch embedding (a language model): ``needs`` says what of the patch tokens the method relies on."""
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return
+    raise ConfigError(
+        f"{method} {needs}, which only a vision transformer has: {type(model).__name__} has no patch embedding (no "
+        "Conv2d turns an image into a grid of tokens). For a language model use a method that adapts its projections "
+        "or sub-blocks (lora, dora, adapter, ln_tune, bitfit)."
+    )
+
+
 def block_of(target: Target) -> str:
     """The logical path of the module that holds ``target`` (``blocks.3`` for ``blocks.3.mlp``)."""
     return target.name.rsplit(".", 1)[0] if "." in target.name else ""
@@ -62,10 +75,10 @@ class ResidualTaps:
         norms = [block_of(t) for t in targets if t.kind == "norm"]
         unpaired = sorted(set(norms) ^ set(mlps) | {b for b in norms if norms.count(b) > 1}) if norms else []
         if unpaired:
-            raise ValueError(
+            raise ConfigError(
                 f"{method} pairs each MLP with one norm of the same block (its input is the residual stream the norm "
-                f"reads); unpaired or ambiguous in {unpaired}. Target both (the default targets=('mlp', 'norm2')) or "
-                "only the MLPs (targets=('mlp',), which reads norm2(x))."
+                f"reads); unpaired or ambiguous in {unpaired}. Target both (the default targets=('mlp', 'mlp_norm')) "
+                "or only the MLPs (targets=('mlp',), which reads norm2(x))."
             )
         self.method = method
         self.active = bool(norms)

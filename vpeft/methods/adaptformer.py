@@ -10,7 +10,8 @@ are the VTAB-1k leaderboard setting: d = 8 (the repo's image default is 64), s =
 LayerNorm. Parameters on ViT-B/16: 12 * (768 * 8 + 8 + 8 * 768 + 768) = 156,768. Not mergeable (ReLU).
 
 Placement. A wrapper sees only its own module's input, and ``mlp`` sees ``norm2(x)``. To read ``x`` itself, the
-default targets are ``("mlp", "norm2")``: the wrapper on ``norm2`` (no parameters) hands its input, the residual stream,
+default targets are ``("mlp", "mlp_norm")``, the role of ``norm2`` (GPT-2's ``ln_2``, Llama's
+``post_attention_layernorm``): the wrapper on the norm (no parameters) hands its input, the residual stream,
 to the adapter on the ``mlp`` of the same block, which adds ``s * f(x)`` to the MLP output. The pairing is by parent
 module (``blocks.3.norm2`` feeds ``blocks.3.mlp``) and every MLP target must have its norm, or vice versa, else the
 adapter is refused. With ``targets=("mlp",)`` (no norm targets) the adapter reads the MLP input ``norm2(x)`` instead:
@@ -30,12 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, Target
+from ..errors import ConfigError
 from ._blocks import Taps, block_of, dropout
 
 
 @dataclass
 class AdaptFormerConfig(MethodConfig):
-    targets: tuple[str, ...] = ("mlp", "norm2")  # norm2 taps the residual stream, see the module docstring
+    targets: tuple[str, ...] = ("mlp", "mlp_norm")  # the norm taps the residual stream, see the module docstring
     dim: PositiveInt = 8  # bottleneck width
     scale: FiniteFloat = 0.1  # s
     dropout: DropProbability = 0.1  # after the ReLU
@@ -54,7 +56,7 @@ class AdaptFormer(AdapterModule):
             return  # a tap holds no tensors: it only passes the residual stream on
         width = target.out_features
         if shared.taps.active and target.in_features != width:
-            raise ValueError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
+            raise ConfigError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
         self.scale = config.scale
         self.down = nn.Linear(width, config.dim)  # (dim, D)
         self.up = nn.Linear(config.dim, width)  # (D, dim)

@@ -36,6 +36,7 @@ class BitFit(AdapterModule):
 
     @classmethod
     def accepts(cls, target: Target, config: BitFitConfig) -> bool:
+        """layers with a bias term (BitFit tunes bias terms, so a layer without one has nothing to tune)."""
         return getattr(target.module, "bias", None) is not None
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ while the others start it as the identity (zero kernel with ``I`` on the centre 
 
 Grid: the wrapped module sees ``num_prefix_tokens + h * w`` tokens; the grid is taken to be square (h = w =
 sqrt(tokens - prefix)), as for timm ViTs at their native resolution. Set ``num_prefix_tokens`` for models with
-register or distillation tokens (timm's ``model.num_prefix_tokens``).
+register or distillation tokens (timm's ``model.num_prefix_tokens``). A model without a patch embedding (a language
+model) has no grid and is refused before anything changes.
 
 Against the official code: it hard-codes a 14 x 14 grid and one class token; the grid here follows the token count.
 Official Convpass draws its own drop-path mask for each bypass; here the bypass sits inside the wrapped sub-block, so
@@ -29,14 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, NonNegativeInt, PositiveInt, Target
-from ._blocks import dropout, quick_gelu
+from ..errors import ConfigError
+from ._blocks import dropout, quick_gelu, require_patch_grid
 
 CONV_INITS = ("xavier", "identity")
 
@@ -59,7 +61,7 @@ class Convpass(AdapterModule):
     def __init__(self, target: Target, config: ConvpassConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
         if target.kind == "mha" and not target.module.batch_first:
-            raise ValueError(
+            raise ConfigError(
                 f"convpass needs (batch, tokens, dim) inputs; {target.name!r} is a sequence-first "
                 "nn.MultiheadAttention."
             )
@@ -80,6 +82,13 @@ class Convpass(AdapterModule):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.dropout = dropout(config.dropout)
+
+    @classmethod
+    def prepare(
+        cls, config: ConvpassConfig, model: nn.Module, targets: list[Target], calibration: Any
+    ) -> ConvpassConfig:
+        require_patch_grid("convpass", model, "runs a 3x3 convolution over the tokens laid out on the 2-D patch grid")
+        return config
 
     def adapt_output(self, x: Tensor, y: Tensor) -> Tensor:
         return y + self.scale * self.bypass(x)

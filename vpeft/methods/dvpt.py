@@ -31,7 +31,8 @@ Where this follows the paper against the official code (``NKUhealong/DVPT``):
 * The code zero-initialises the gate g and keeps W_u at PyTorch's init; here W_u and b_u are zero and g starts at 1
   (also the identity at init; a zero gate *and* a zero W_u would never train).
 
-Placement: targets ``("mlp", "norm2")``; the parameter-free wrapper on ``norm2`` hands its input (the residual stream)
+Placement: targets ``("mlp", "mlp_norm")`` (``mlp_norm`` is the role of ``norm2``, GPT-2's ``ln_2``, Llama's
+``post_attention_layernorm``); the parameter-free wrapper on ``norm2`` hands its input (the residual stream)
 to the adapter on the ``mlp`` of the same block, as in AdaptFormer. With ``targets=("mlp",)`` the adapter reads the
 MLP input ``norm2(X)`` instead. Prefix (class) tokens are ordinary keys and are updated like the patch tokens.
 """
@@ -46,12 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, PositiveInt, Target
+from ..errors import ConfigError
 from ._blocks import ResidualTaps, block_of, quick_gelu
 
 
 @dataclass
 class DVPTConfig(MethodConfig):
-    targets: tuple[str, ...] = ("mlp", "norm2")  # norm2 taps the residual stream (see the module docstring)
+    targets: tuple[str, ...] = ("mlp", "mlp_norm")  # the norm taps the residual stream (see the module docstring)
     latent: PositiveInt = 20  # c, the bottleneck width
     num_prompts: PositiveInt = 10  # M, per block
     share_every: PositiveInt = 3  # consecutive adapted blocks sharing one bottleneck (W_d, W_u, g)
@@ -67,7 +69,7 @@ class DVPTShared(nn.Module):
         self.group = {p: i // config.share_every for i, p in enumerate(parents)}
         widths = {t.out_features for t in mlps}
         if len(widths) != 1:
-            raise ValueError(f"dvpt shares one bottleneck between blocks of one width; the MLPs have widths {widths}.")
+            raise ConfigError(f"dvpt shares one bottleneck between blocks of one width; the MLPs have widths {widths}.")
         width, c = widths.pop(), config.latent
         self.down = nn.ModuleList(nn.Linear(width, c) for _ in range(max(self.group.values()) + 1))
         self.up = nn.ModuleList(nn.Linear(c, width) for _ in self.down)
@@ -91,7 +93,7 @@ class DVPT(AdapterModule):
         if self.tap:
             return  # a tap holds no tensors: it passes the residual stream on
         if shared.taps.active and target.in_features != target.out_features:
-            raise ValueError(f"dvpt on {target.name!r}: the residual stream must have the width of its output.")
+            raise ConfigError(f"dvpt on {target.name!r}: the residual stream must have the width of its output.")
         self.group = shared.group[self.block]
         self.prompts = nn.Parameter(torch.empty(config.num_prompts, config.latent))  # P_l (M, c)
         nn.init.trunc_normal_(self.prompts, std=0.02)

@@ -55,6 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import AdapterModule, FiniteFloat, MethodConfig, NonNegativeInt, PositiveInt, ProperFraction, Target
+from ..errors import ConfigError
+from ._blocks import require_patch_grid
 
 
 @dataclass
@@ -125,11 +127,15 @@ class EarthAdapter(AdapterModule):
         cls, config: EarthAdapterConfig, model: nn.Module, targets: list[Target], calibration: Any
     ) -> EarthAdapterConfig:
         grid, prefix = config.grid, config.num_prefix_tokens
+        if grid is None:
+            require_patch_grid(
+                "earth_adapter", model, "splits the patch tokens into frequency bands on their 2-D grid (grid=(H, W))"
+            )
         # the timm ViT itself, or the one inside a task model (a segmentation model's backbone.model)
         vit = next((m for m in model.modules() if hasattr(getattr(m, "patch_embed", None), "grid_size")), None)
         if grid is None:
             if vit is None:
-                raise ValueError(
+                raise ConfigError(
                     "earth_adapter needs the token grid: the model has no patch_embed.grid_size (timm); "
                     "pass grid=(H, W) and num_prefix_tokens=..."
                 )
@@ -137,7 +143,9 @@ class EarthAdapter(AdapterModule):
         if prefix is None:
             prefix = getattr(vit, "num_prefix_tokens", None)
             if prefix is None:
-                raise ValueError("earth_adapter: the model has no num_prefix_tokens (timm); pass num_prefix_tokens=...")
+                raise ConfigError(
+                    "earth_adapter: the model has no num_prefix_tokens (timm); pass num_prefix_tokens=..."
+                )
             prefix = int(prefix)
         return replace(config, grid=grid, num_prefix_tokens=prefix, fft_layers=resolve_fft_layers(config, len(targets)))
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import WHOLE, AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, Target
-from ..errors import OptionError
+from ..errors import ConfigError, OptionError
 from ._blocks import dropout
 
 
@@ -54,7 +54,7 @@ class RepAdapter(AdapterModule):
         super().__init__(target, config, shared)
         d, h, g = target.in_features, config.dim, config.groups
         if d % g:
-            raise ValueError(f"repadapter: groups={g} must divide the input width {d} of {target.name!r}.")
+            raise ConfigError(f"repadapter: groups={g} must divide the input width {d} of {target.name!r}.")
         self.scale, self.groups = config.scale, g
         has_bias = getattr(target.module, "bias", None) is not None
         self.down = nn.Parameter(torch.empty(h, d))  # A (h, d)
@@ -66,7 +66,8 @@ class RepAdapter(AdapterModule):
 
     @classmethod
     def accepts(cls, target: Target, config: RepAdapterConfig) -> bool:
-        return target.part == WHOLE  # adapt_input acts on the whole layer's input, never on one slice
+        """whole layers, not slices of a fused projection (the adapter changes the input the whole layer reads)."""
+        return target.part == WHOLE
 
     def _up(self, z: Tensor) -> Tensor:
         g, d = self.groups, self.up.shape[0]

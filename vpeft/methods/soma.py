@@ -92,6 +92,7 @@ class SoMA(AdapterModule):
 
     @classmethod
     def accepts(cls, target: Target, config: SoMAConfig) -> bool:
+        """targets in blocks from start_block on (all blocks when it is None)."""
         return config.start_block is None or (target.index is not None and target.index >= config.start_block)
 
     @classmethod

@@ -62,6 +62,7 @@ class SSF(AdapterModule):
 
     @classmethod
     def accepts(cls, target: Target, config: SSFConfig) -> bool:
+        """layers with a weight and a bias (merging folds the shift into the bias)."""
         m = target.module
         return getattr(m, "bias", None) is not None and getattr(m, "weight", None) is not None
 

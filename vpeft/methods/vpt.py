@@ -20,18 +20,22 @@ p = 50), deep 12 * 768 p (92,160 at p = 10). Not mergeable (extra tokens), and n
 ``num_prefix_tokens`` (default 1, the class token) says where the prompts go; set timm's ``model.num_prefix_tokens``
 for models with register or distillation tokens. Attention masks passed to the blocks are not extended for the
 prompts. Shallow VPT places zero-parameter modules on the middle blocks (they just pass the sequence on).
+A model without a patch embedding (a language model, whose attention mask, position ids and KV cache are sized to the
+input before its blocks run) is refused before anything changes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, MethodConfig, NonNegativeInt, PositiveInt, Target
-from ._blocks import dropout
+from ..errors import ConfigError
+from ._blocks import dropout, require_patch_grid
 
 
 @dataclass
@@ -55,7 +59,7 @@ def _block_width(target: Target) -> int:
             return int(m.normalized_shape[-1])
         if isinstance(m, nn.Linear):
             return m.in_features
-    raise ValueError(f"vpt cannot tell the token width of {target.name!r} ({type(target.module).__name__}).")
+    raise ConfigError(f"vpt cannot tell the token width of {target.name!r} ({type(target.module).__name__}).")
 
 
 class VPTShallow(AdapterModule):
@@ -77,6 +81,19 @@ class VPTShallow(AdapterModule):
             v = math.sqrt(6.0 / (3 * config.patch_size**2 + width))
             nn.init.uniform_(self.prompts, -v, v)
         self.dropout = dropout(config.dropout if self.prompts is not None else 0.0)
+
+    @classmethod
+    def prepare(
+        cls, config: VPTShallowConfig, model: nn.Module, targets: list[Target], calibration: Any
+    ) -> VPTShallowConfig:
+        require_patch_grid(
+            "vpt",
+            model,
+            "inserts prompt tokens into the token sequence between blocks; a language model builds its attention "
+            "mask, position ids and KV cache for the input's length before its blocks run, so tokens inserted there "
+            "break them. Prompts belong beside the patch tokens of an image",
+        )
+        return config
 
     def adapt_input(self, x: Tensor) -> Tensor:
         if self.prompts is None:
