@@ -1,0 +1,72 @@
+"""FSDP (``train.parallel: fsdp``): two torchrun processes (gloo, CPU) with sharded tensors learn what one process
+learns from the same batches, write the same files, resume exactly, and refuse what they cannot shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vpeft.engine import train as engine
+from vpeft.engine.config import load_config
+
+from .test_train import TINY, records
+
+ROOT = Path(__file__).resolve().parents[2]
+# no dropout: nothing random inside a step, so one process and two differ only in the order of sums
+LORA = ["method.dropout=0.0", "train.log_every=1", "train.max_steps=8"]  # 8 full global batches of 128 images
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # this tree's vpeft, not an installed one
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "split" not in r]
+
+
+def test_fsdp_through_train_py_matches_one_process_and_its_adapter_loads_in_one(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    one = engine.train(load_config(path, LORA), tmp_path / "one")
+    torchrun(str(ROOT / "tools" / "train.py"), str(path), "--work-dir", str(tmp_path / "two"),
+             "--set", *LORA, "data.batch_size=64", "train.parallel=fsdp")  # fmt: skip
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1 and two["steps"] == one["steps"] == 8
+
+    # every global batch is the same 128 images (strided shards of one permutation)
+    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+
+    # the adapter files have a one-process run's layout (whole tensors, same keys and config) and values
+    files = lambda run: load_file(str(run / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    solo, sharded = files(tmp_path / "one"), files(tmp_path / "two")
+    assert sorted(solo) == sorted(sharded) and len(solo) == 10
+    for key, value in solo.items():
+        assert sharded[key].shape == value.shape, key
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    config = lambda run: json.loads((run / "adapter" / "adapter_config.json").read_text())  # noqa: E731
+    assert config(tmp_path / "one") == config(tmp_path / "two")
+    # the training checkpoint holds whole tensors too: the same ones as the adapter file
+    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(state["trainable"][k], v) for k, v in sharded.items())
+
+    import tools.test as test_tool  # one process evaluates the FSDP run's adapter: the run's own test numbers
+
+    test_tool.main([str(tmp_path / "two")])
+    again = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
+    assert again["top1"] == pytest.approx(two["test"]["top1"]) and again["loss"] == pytest.approx(
+        two["test"]["loss"], rel=1e-5
+    )
