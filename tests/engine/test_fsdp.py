@@ -70,3 +70,17 @@ def test_fsdp_through_train_py_matches_one_process_and_its_adapter_loads_in_one(
     assert again["top1"] == pytest.approx(two["test"]["top1"]) and again["loss"] == pytest.approx(
         two["test"]["loss"], rel=1e-5
     )
+
+
+def test_a_resumed_fsdp_run_continues_exactly(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    sets = ["method.dropout=0.0", "train.log_every=1", "data.batch_size=64", "train.parallel=fsdp"]
+    torchrun(str(ROOT / "tools" / "train.py"), str(path), "--work-dir", str(whole), "--set", *sets)
+    torchrun(str(Path(__file__).with_name("fsdp_resume.py")), str(path), str(split), *sets)
+    # the sharded optimizer state went through the checkpoint whole and was sliced again: the same steps follow
+    assert len(steps(whole)) == 18 and records(split) == records(whole)
+    files = lambda run: load_file(str(run / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    a, b = files(whole), files(split)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
