@@ -84,3 +84,21 @@ def test_a_resumed_fsdp_run_continues_exactly(tmp_path):
     files = lambda run: load_file(str(run / "adapter" / "adapter_model.safetensors"))  # noqa: E731
     a, b = files(whole), files(split)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_a_tiny_llama_sharded_over_two_processes_matches_one(tmp_path):
+    pytest.importorskip("transformers")
+    from vpeft.engine.distributed import Dist
+
+    from .fsdp_llama import STEPS, train
+
+    torchrun(str(Path(__file__).with_name("fsdp_llama.py")), str(tmp_path))
+    two = json.loads((tmp_path / "losses.json").read_text())
+    sharded = load_file(str(tmp_path / "adapter.safetensors"))
+    losses, solo, _ = train(Dist())  # one process, the same global batches
+    # 2 decoder layers, 4 LoRA modules (q and v of each), the root
+    assert two["units"] == 7 and len(two["losses"]) == STEPS
+    assert two["losses"] == pytest.approx(losses, rel=1e-5) and losses[-1] < losses[0]
+    assert sorted(sharded) == sorted(solo) and len(solo) == 8
+    for key, value in solo.items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-6, msg=key)
