@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,60 @@ def test_lora_on_a_tiny_llama_sharded_over_two_processes_matches_one(tmp_path):
     assert sorted(sharded) == sorted(solo) and len(solo) == 8
     for key, value in solo.items():
         torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fsdp_without_torchrun_says_what_to_run(tmp_path, monkeypatch, capsys):
+    import tools.train as train_tool
+    from vpeft.engine import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    argv = [str(path), "--set", "train.parallel=fsdp", "--work-dir", str(tmp_path / "run")]
+    assert cli.run(train_tool.main, argv) == cli.USER_ERROR
+    said = capsys.readouterr().err
+    assert "train.parallel is 'fsdp' but this is a single process" in said and "torchrun --nproc_per_node=N" in said
+    assert "Traceback" not in said and not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def one_process_group():
+    """A one-process gloo group, so that torch's own ``fully_shard`` can be asked what it refuses."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("method", "unfreeze", "said", "torch_says"),
+    [
+        ("earth_adapter", None, "fully_shard refuses scalar tensors", "doesn't support scalar parameters"),
+        ("soma", None, "fully_shard refuses non-contiguous tensors", "does not support non-contiguous parameters"),
+        ("lora", "blocks.0.norm1.weight", "would hold trainable ['blocks.0.norm1.weight']", None),
+    ],
+)
+def test_what_fsdp_cannot_shard_is_named_and_nothing_is_sharded(one_process_group, method, unfreeze, said, torch_says):
+    import vpeft
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from vpeft.engine.distributed import shard
+    from vpeft.errors import ConfigError
+
+    from ..conftest import tiny_vit
+
+    model = tiny_vit()
+    vpeft.apply_method(model, method)
+    if unfreeze:  # a base tensor trained beside the adapter inside a transformer block
+        model.get_parameter(unfreeze).requires_grad_(True)
+    with pytest.raises(ConfigError, match=rf"method '{method}'.*train.parallel: ddp") as err:
+        shard(model)
+    assert said in str(err.value)
+    assert not any(isinstance(m, FSDPModule) for m in model.modules())  # checked before anything was sharded
+    if torch_says:  # torch refuses the tensor the message names
+        name = re.search(r"e\.g\. \['([^']+)'", str(err.value)).group(1)
+        with pytest.raises((ValueError, NotImplementedError), match=torch_says):
+            fully_shard(model.get_submodule(name.rsplit(".", 1)[0]))

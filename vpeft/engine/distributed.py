@@ -37,8 +37,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..core import active_adapter, adapter_record, fsdp_units
 from ..errors import ConfigError
 
-PARALLEL = ("ddp", "fsdp")
-
 
 @dataclass
 class Dist:
@@ -128,47 +126,63 @@ def setup(device_name: str, parallel: str = "ddp") -> Dist:
     return Dist(world, rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), parallel)
 
 
-def shard(model: nn.Module) -> list[FSDPModule]:
-    """Apply ``fully_shard`` to each of ``fsdp_units(model)``, innermost first, then to ``model``; return the units
-    that hold only trainable tensors, which :func:`gather` keeps whole from the start of each forward pass.
+def shard(model: nn.Module) -> None:
+    """Apply ``fully_shard`` to each of ``fsdp_units(model)``, innermost first, then to ``model``. The units that
+    hold only trainable tensors are gathered whole when each forward pass starts (:func:`_gather`).
 
-    A unit's tensors are those under it and not under a nested unit. A method whose tensors would share a unit with
-    frozen base tensors is refused, naming them: its trainable tensors would be sliced and gathered with the base's.
+    A unit's tensors are those under it and not under a nested unit. Checked first, so that nothing is sharded when
+    it fails: no unit but the root mixes trainable and frozen tensors, and no tensor is one that ``fully_shard``
+    refuses (a scalar, a non-contiguous view).
     """
     units = fsdp_units(model)
     owned = _owned_parameters(model, units)
-    mixed = {u: ps for u, ps in owned.items() if u is not model and len({p.requires_grad for _, p in ps}) > 1}
-    if mixed:
-        unit, params = next(iter(mixed.items()))
-        trainable = [n for n, p in params if p.requires_grad][:3]
-        frozen = [n for n, p in params if not p.requires_grad][:3]
-        method = adapter_record(model, active_adapter(model)).method
-        raise ConfigError(
-            f"train.parallel: fsdp cannot shard method {method!r}: {len(mixed)} FSDP units (vpeft.core.fsdp_units) "
-            f"would hold trainable and frozen tensors together, e.g. {type(unit).__name__} with trainable {trainable} "
-            f"and frozen {frozen}. Train this method with train.parallel: ddp."
-        )
+    _check_shardable(model, owned)
     for module in reversed(list(model.modules())):  # children before their parents
         if module in units and owned.get(module):
             fully_shard(module)
     fully_shard(model)
     gathered = [u for u, ps in owned.items() if u is not model and ps and all(p.requires_grad for _, p in ps)]
-    model.register_forward_pre_hook(lambda module, args: gather(gathered))
+    model.register_forward_pre_hook(lambda module, args: _gather(gathered))
     model.register_forward_hook(lambda module, args, out: None if torch.is_grad_enabled() else _reshard(gathered))
-    return gathered
+
+
+def _check_shardable(model: nn.Module, owned: dict[nn.Module, list[tuple[str, nn.Parameter]]]) -> None:
+    problems = []
+    paths = {module: path for path, module in model.named_modules()}
+    for unit, params in owned.items():
+        if unit is not model and len({p.requires_grad for _, p in params}) > 1:
+            trainable = [n for n, p in params if p.requires_grad][:2]
+            frozen = [n for n, p in params if not p.requires_grad][:2]
+            problems.append(
+                f"the FSDP unit {paths[unit]} (vpeft.core.fsdp_units) would hold trainable {trainable} and frozen "
+                f"{frozen} together"
+            )
+    scalars = [n for ps in owned.values() for n, p in ps if p.dim() == 0]
+    if scalars:
+        problems.append(f"fully_shard refuses scalar tensors: {len(scalars)}, e.g. {scalars[:3]}")
+    views = [n for ps in owned.values() for n, p in ps if not p.is_contiguous()]
+    if views:
+        problems.append(f"fully_shard refuses non-contiguous tensors: {len(views)}, e.g. {views[:3]}")
+    if problems:
+        method = adapter_record(model, active_adapter(model)).method
+        raise ConfigError(
+            f"train.parallel: fsdp cannot shard {type(model).__name__} with method {method!r}: "
+            + "; ".join(problems)
+            + ". Train this method with train.parallel: ddp."
+        )
+
+
+def _gather(units: list[FSDPModule]) -> None:
+    """All-gather ``units`` now and keep them whole until the backward pass (which reduce-scatters their gradients
+    and slices them again) or :meth:`FSDPModule.reshard`. Gathering a whole unit again does nothing."""
+    for unit in units:
+        unit.unshard()
 
 
 def _reshard(units: list[FSDPModule]) -> None:
     """Slice ``units`` again after a forward pass without gradients (evaluation), which no backward pass follows."""
     for unit in units:
         unit.reshard()
-
-
-def gather(units: list[FSDPModule]) -> None:
-    """All-gather ``units`` now and keep them whole until the backward pass (which reduce-scatters their gradients
-    and slices them again) or :meth:`FSDPModule.reshard`. Gathering a whole unit again does nothing."""
-    for unit in units:
-        unit.unshard()
 
 
 def like(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
