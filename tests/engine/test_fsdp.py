@@ -140,9 +140,9 @@ def one_process_group():
     ],
 )
 def test_what_fsdp_cannot_shard_is_named_and_nothing_is_sharded(one_process_group, method, unfreeze, said, torch_says):
-    import vpeft
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    import vpeft
     from vpeft.engine.distributed import shard
     from vpeft.errors import ConfigError
 
