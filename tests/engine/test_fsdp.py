@@ -20,8 +20,9 @@ from vpeft.engine.config import load_config
 from .test_train import TINY, records
 
 ROOT = Path(__file__).resolve().parents[2]
-# no dropout: nothing random inside a step, so one process and two differ only in the order of sums
-LORA = ["method.dropout=0.0", "train.log_every=1", "train.max_steps=8"]  # 8 full global batches of 128 images
+# no dropout: nothing random inside a step, so one process and two differ only in the order of sums; clipping on
+# (0.05 clips every step here), on the CPU also where there is a GPU
+LORA = ["method.dropout=0.0", "train.log_every=1", "train.max_steps=8", "optim.grad_clip=0.05", "train.device=cpu"]
 
 
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -41,11 +42,12 @@ def test_fsdp_through_train_py_matches_one_process_and_its_adapter_loads_in_one(
     path.write_text(TINY)
     one = engine.train(load_config(path, LORA), tmp_path / "one")
     torchrun(str(ROOT / "tools" / "train.py"), str(path), "--work-dir", str(tmp_path / "two"),
-             "--set", *LORA, "data.batch_size=64", "train.parallel=fsdp")  # fmt: skip
+             "--set", *LORA, "data.batch_size=32", "optim.accumulate=2", "train.parallel=fsdp")  # fmt: skip
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1 and two["steps"] == one["steps"] == 8
 
-    # every global batch is the same 128 images (strided shards of one permutation)
+    # 8 full steps; each global batch is the same 128 images (strided shards of one permutation), here 2 micro-batches
+    # of 32 in each of 2 processes
     a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     for x, y in zip(a, b, strict=True):
@@ -77,7 +79,7 @@ def test_a_resumed_fsdp_run_continues_exactly(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     whole, split = tmp_path / "whole", tmp_path / "split"
-    sets = ["method.dropout=0.0", "train.log_every=1", "data.batch_size=64", "train.parallel=fsdp"]
+    sets = ["method.dropout=0.0", "train.log_every=1", "data.batch_size=64", "train.parallel=fsdp", "train.device=cpu"]
     torchrun(str(ROOT / "tools" / "train.py"), str(path), "--work-dir", str(whole), "--set", *sets)
     torchrun(str(Path(__file__).with_name("fsdp_resume.py")), str(path), str(split), *sets)
     # the sharded optimizer state went through the checkpoint whole and was sliced again: the same steps follow
