@@ -2,7 +2,9 @@
 
 Written atomically (a kill during the write leaves the previous checkpoint valid) and read with
 ``torch.load(weights_only=True)``, which refuses pickled code. Frozen base weights are not stored: the run rebuilds
-them from its config.
+them from its config. Tensors are stored whole, also from an FSDP run (its slices are gathered, and sliced again on
+load), and the optimizer state is keyed by parameter name (torch's ``get_optimizer_state_dict``), so a checkpoint
+does not depend on how many processes wrote it or how they split the model.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from ..backbones.checkpoint import load_weights_only
 from ..core import active_adapter, adapter_tensors, load_adapter_tensors
 from ..errors import MissingFileError
 from ..files import atomic_write
+from .distributed import like
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -29,11 +38,14 @@ def save_checkpoint(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     counters: dict[str, Any],
+    write: bool = True,
 ) -> None:
+    """Under FSDP every process calls this (the slices are gathered); only the one with ``write`` writes."""
     name = active_adapter(model)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = {
-        "trainable": {k: v.detach().cpu().clone() for k, v in adapter_tensors(model, name).items()},
-        "optimizer": optimizer.state_dict(),
+        "trainable": {k: _whole(v).detach().cpu().clone() for k, v in adapter_tensors(model, name).items()},
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=whole),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "counters": counters,
@@ -43,7 +55,8 @@ def save_checkpoint(
             "python": random.getstate(),
         },
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if write:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(
@@ -53,8 +66,11 @@ def load_checkpoint(
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist: the run has no checkpoint to resume from.")
     state = load_weights_only(path)
-    load_adapter_tensors(model, active_adapter(model), state["trainable"], str(path))
-    optimizer.load_state_dict(state["optimizer"])
+    name = active_adapter(model)
+    live = adapter_tensors(model, name)
+    trainable = {k: like(v, live[k]) if k in live else v for k, v in state["trainable"].items()}
+    load_adapter_tensors(model, name, trainable, str(path))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
@@ -63,6 +79,10 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     random.setstate(_as_tuples(state["rng"]["python"]))
     return state["counters"]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _as_tuples(value: Any) -> Any:

@@ -140,6 +140,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = True
     max_steps: int | None = Field(None, ge=1)
+    # under torchrun: ddp (every process holds the model) or fsdp (tensors sharded); see vpeft/engine/distributed.py
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @pydantic.field_validator("device")
     @classmethod

@@ -64,7 +64,7 @@ def train(
     can tell the first call's overrides from a change.
     """
     run_dir = Path(run_dir)
-    dist = distributed.setup(cfg.train.device)
+    dist = distributed.setup(cfg.train.device, cfg.train.parallel)
     changed = _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
     if resume and not changed and (run_dir / SUMMARY).is_file():
         summary = json.loads((run_dir / SUMMARY).read_text())
@@ -84,7 +84,7 @@ def train(
     log.info("%s", report)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    net = dist.wrap(model)  # DistributedDataParallel under torchrun; the model itself otherwise
+    net = dist.wrap(model)  # under torchrun DistributedDataParallel, or the model sharded in place (FSDP)
 
     steps_per_epoch = math.ceil(len(_loader(cfg, task, datasets["train"], True, dist)) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -178,9 +178,12 @@ def train(
         if dist.main:
             lr, seconds = optimizer.param_groups[0]["lr"], time.perf_counter() - tic
             log.info("%s", epoch_line(epoch + 1, cfg.train.epochs, epoch_losses, task.metric, val, lr, seconds))
-            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters)
-            vpeft.save_adapter(model, run_dir / "adapter")
-            task.export(run_dir / "adapter")
+        # every process takes part (FSDP gathers the sharded tensors); only rank 0 writes
+        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler, counters, write=dist.main)
+        with dist.full_tensors(model):
+            if dist.main:
+                vpeft.save_adapter(model, run_dir / "adapter")
+                task.export(run_dir / "adapter")
         dist.barrier()
         if last:
             break
