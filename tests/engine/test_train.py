@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import vpeft
 from vpeft.backbones.checkpoint import load_pretrained, read_state_dict
 from vpeft.engine import train as engine
+from vpeft.engine.checkpoint import CHECKPOINT
 from vpeft.engine.config import config_diff, load_config
 from vpeft.engine.optim import cosine_with_warmup, param_groups
 from vpeft.tasks.classification import build_model
@@ -105,10 +107,25 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, mo
     monkeypatch.setattr(engine, "_loader", dying_loader)
     with pytest.raises(Interrupt):
         engine.train(config(tmp_path, "train.epochs=3"), tmp_path / "split")
+    shutil.copytree(tmp_path / "split", tmp_path / "older")
     monkeypatch.setattr(engine, "_loader", real_loader)
     resumed = engine.train(config(tmp_path, "train.epochs=3"), tmp_path / "split", resume=True)
     assert records(tmp_path / "split") == records(tmp_path / "whole")
     assert resumed["test"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["test"]
+
+    # a checkpoint of an earlier vpeft keyed the optimizer state by position (optimizer.state_dict()): it resumes too
+    path = tmp_path / "older" / CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    names = [n for group in state["optimizer"]["param_groups"] for n in group["params"]]
+    position = {n: i for i, n in enumerate(names)}
+    groups = state["optimizer"]["param_groups"]
+    state["optimizer"] = {
+        "state": {position[n]: v for n, v in state["optimizer"]["state"].items()},
+        "param_groups": [dict(g, params=[position[n] for n in g["params"]]) for g in groups],
+    }
+    torch.save(state, path)
+    engine.train(config(tmp_path, "train.epochs=3"), tmp_path / "older", resume=True)
+    assert records(tmp_path / "older") == records(tmp_path / "whole")
 
 
 def test_run_directory_guards(tmp_path):

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from ..backbones.checkpoint import load_weights_only
 from ..core import active_adapter, adapter_tensors, load_adapter_tensors
-from ..errors import MissingFileError
+from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from .distributed import like
 
@@ -70,7 +70,7 @@ def load_checkpoint(
     live = adapter_tensors(model, name)
     trainable = {k: like(v, live[k]) if k in live else v for k, v in state["trainable"].items()}
     load_adapter_tensors(model, name, trainable, str(path))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    _load_optimizer(path, model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
@@ -87,3 +87,18 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The state keyed by parameter name; a checkpoint of an earlier vpeft keyed it by position (plain
+    ``optimizer.state_dict()``), which is still read for a model that is not sharded."""
+    keys = [key for group in saved["param_groups"] for key in group["params"]]
+    if not keys or isinstance(keys[0], str):
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        return
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ConfigError(
+            f"{path} was written by an earlier vpeft, whose optimizer state follows one process's parameter order; "
+            "it cannot be resumed sharded (train.parallel: fsdp). Resume it with train.parallel: ddp."
+        )
+    optimizer.load_state_dict(saved)
