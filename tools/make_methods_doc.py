@@ -24,6 +24,8 @@ from vpeft.engine import cli
 from vpeft.methods import METHODS
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+# methods with nothing to adapt on a ViT, and their count on CLIP ViT-B/16's text tower (width 512)
+TEXT_TOWER_ONLY = {"coop": "8,192 (CLIP text tower)"}
 
 
 def render() -> str:
@@ -43,6 +45,8 @@ def render() -> str:
         cls = METHODS[name]
         if cls.needs_calibration:
             count = "set by `param_budget`"
+        elif name in TEXT_TOWER_ONLY:
+            count = TEXT_TOWER_ONLY[name]
         else:
             count = f"{vpeft.apply_method(copy.deepcopy(vit), name).trainable:,}"
         lines.append(f"| `{name}` | {count} | {'yes' if cls.mergeable else 'no'} | "

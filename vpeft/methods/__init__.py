@@ -11,6 +11,7 @@ from . import (
     bitfit,
     comp_lora,
     convpass,
+    coop,
     dora,
     dvpt,
     earth_adapter,
@@ -49,6 +50,7 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "soma": soma.SoMA,
     "salt": salt.SALT,
     "comp_lora": comp_lora.CompLoRA,
+    "coop": coop.CoOp,
 }
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -56,4 +58,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "VTAB-1k leaderboard baselines": ("bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
+    "prompt learning for CLIP's text tower": ("coop",),
 }
