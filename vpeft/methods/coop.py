@@ -9,12 +9,12 @@ the M x D context trains (M = 16: 8,192 parameters for CLIP ViT-B/16's 512-wide 
 
 Defaults are the paper's main setting: M = 16, class token at the end, unified context, random init N(0, 0.02^2)
 (the official code's ``nn.init.normal_(std=0.02)``); the paper trains with SGD, lr 0.002, cosine schedule, batch 32,
-200 epochs for 8/16 shots, 100 for 2/4, 50 for 1 (``configs/clip/``).
+200 epochs for 8/16 shots, 100 for 2/4, 50 for 1 (``configs/clip/real/``; the offline proof uses AdamW).
 
 How it sits in vpeft: the method wraps the text tower's ``token_embedding`` and overwrites positions 1..M of its
 output (position 0 is the start token) with the context, as the official code concatenates ``[SOS][ctx][class.]``.
 The task writes the prompts as CoOp's code does, ``"X X ... X {class}."`` with M placeholder words (the
-``model.head.templates`` of ``configs/clip/coop_*.yaml``), so the positions, the end-of-text token that CLIP pools
+``model.head.templates`` of ``configs/clip/coop.yaml``), so the positions, the end-of-text token that CLIP pools
 and the causal mask are exactly those of the paper's prompt; a prompt whose first M words are not one repeated
 placeholder is refused. Departures: the class-specific context (CSC) and the middle class position, the paper's
 ablations, are not implemented. Not mergeable (the context is not a weight), and not the identity at init (the

@@ -38,7 +38,6 @@ from ..backbones.open_clip import build_clip_model, clip_data_config, clip_token
 from ..data import build_dataset, build_transform
 from ..data.check import check_image_datasets
 from ..errors import ConfigError
-from .base import Task
 from .classification import ClassificationTask
 
 ADAPT = ("image", "text", "both")
@@ -65,13 +64,13 @@ class ClipClassifier(nn.Module):
         return F.normalize(text.reshape(classes, templates, -1).mean(dim=1), dim=-1)
 
     def forward(self, images: Tensor) -> Tensor:
-        weights = self._class_embeddings
-        if weights is None or (self.training and self.text_trains()):
-            if self.training and self.text_trains():
-                weights = self.class_embeddings()
-            else:
+        if self.training and self.text_trains():
+            weights = self.class_embeddings()  # the gradient reaches the text tower's trained tensors
+        else:
+            if self._class_embeddings is None:
                 with torch.no_grad():
-                    weights = self._class_embeddings = self.class_embeddings()
+                    self._class_embeddings = self.class_embeddings()
+            weights = self._class_embeddings
         image = F.normalize(self.visual(images).float(), dim=-1)
         return self.logit_scale.exp() * image @ weights.t()
 
@@ -172,10 +171,4 @@ class ClipClassificationTask(ClassificationTask):
         return ClipClassifier(clip, prompts), datasets
 
 
-def with_classes(model: ClipClassifier, tokenizer: Any, names: list[str], templates: tuple[str, ...]) -> None:
-    """Point ``model``'s text head at other classes (``names``): base-to-novel evaluates one trained model on both."""
-    model.prompts = tokenize_prompts(tokenizer, names, templates).to(model.prompts.device)
-    model.train(model.training)  # drops the kept class embeddings
-
-
-__all__ = ["ADAPT", "ClipClassificationTask", "ClipClassifier", "Task", "class_prompts", "tokenize_prompts"]
+__all__ = ["ADAPT", "ClipClassificationTask", "ClipClassifier", "class_prompts", "tokenize_prompts"]
