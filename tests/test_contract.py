@@ -11,13 +11,11 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.methods import METHODS
+from vpeft.methods import METHODS, TEXT_TOWER_METHODS
 
 from .conftest import tiny_vit
 
-# methods with nothing to adapt on a ViT: CoOp's context lives in a CLIP text tower (contract: tests/clip/test_coop.py)
-TEXT_TOWER_ONLY = {"coop"}
-ALL = sorted(set(METHODS) - TEXT_TOWER_ONLY)
+ALL = sorted(set(METHODS) - set(TEXT_TOWER_METHODS))  # those have their contract on a tiny CLIP (tests/clip/)
 
 
 def perturb(model: torch.nn.Module) -> None:
