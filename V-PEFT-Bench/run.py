@@ -40,7 +40,7 @@ from vbench.suite import load_suite, resolve_tasks  # noqa: E402
 import vpeft  # noqa: E402
 from vpeft.engine import cli  # noqa: E402
 from vpeft.engine.config import ConfigError, load_config  # noqa: E402
-from vpeft.methods import METHODS  # noqa: E402
+from vpeft.methods import METHODS, TEXT_TOWER_METHODS  # noqa: E402
 from vpeft.registry import lookup  # noqa: E402
 
 
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     suite = load_suite(args.suite)
     data_root = (args.data_root or suite.default_root()).expanduser().resolve()
     tasks = resolve_tasks(suite, args.tasks.split(",") if args.tasks else None, data_root)
-    names = vpeft.list_methods() if args.methods == "all" else args.methods.split(",")
+    every = [m for m in vpeft.list_methods() if m not in TEXT_TOWER_METHODS]  # the methods an image encoder takes
+    names = every if args.methods == "all" else args.methods.split(",")
     methods = [parse_method(m) for m in names]
     seeds = parse_seeds(args.seeds, suite)
     index, count = (int(x) for x in args.shard.split("/"))

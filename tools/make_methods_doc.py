@@ -21,9 +21,10 @@ import torch
 
 import vpeft
 from vpeft.engine import cli
-from vpeft.methods import METHODS
+from vpeft.methods import METHODS, TEXT_TOWER_METHODS
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+TEXT_TOWER_COUNTS = {"coop": "8,192 (CLIP text tower)"}  # on CLIP ViT-B/16's 512-wide text tower
 
 
 def render() -> str:
@@ -43,6 +44,8 @@ def render() -> str:
         cls = METHODS[name]
         if cls.needs_calibration:
             count = "set by `param_budget`"
+        elif name in TEXT_TOWER_METHODS:
+            count = TEXT_TOWER_COUNTS[name]
         else:
             count = f"{vpeft.apply_method(copy.deepcopy(vit), name).trainable:,}"
         lines.append(f"| `{name}` | {count} | {'yes' if cls.mergeable else 'no'} | "

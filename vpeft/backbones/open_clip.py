@@ -1,4 +1,5 @@
-"""open_clip image towers: ``open_clip:ViT-B-16`` is the ``visual`` part of open_clip's model of that name.
+"""open_clip models: ``open_clip:ViT-B-16`` is the ``visual`` part of open_clip's model of that name, and
+:func:`build_clip_model` the whole model (both towers) for tasks that classify with text (``tasks/clip.py``).
 
 Only the image tower is built (open_clip's own ``_build_vision_tower`` from the model's config; no text tower), with
 random weights. OpenAI's CLIP weights were trained with QuickGELU: name open_clip's ``-quickgelu`` variant
@@ -15,10 +16,12 @@ another size are resized with open_clip's ``resize_pos_embed`` (bicubic) when it
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deps import require
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, MissingFileError
 from .base import Backbone
 
 log = logging.getLogger("vpeft")
@@ -34,6 +37,18 @@ log = logging.getLogger("vpeft")
 
 def _open_clip():
     return require("open_clip", "clip", "open_clip backbones")
+
+
+def clip_normalisation(size: tuple[int, int]) -> dict[str, Any]:
+    """The data config of open_clip's CLIP preprocessing at ``size`` (OpenAI's mean and std, bicubic, no crop)."""
+    open_clip = _open_clip()
+    return {
+        "input_size": (3, *size),
+        "mean": tuple(open_clip.OPENAI_DATASET_MEAN),
+        "std": tuple(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,  # open_clip: resize the short side to the input size, then centre crop
+    }
 
 
 class OpenClipBackbone(Backbone):
@@ -54,13 +69,7 @@ class OpenClipBackbone(Backbone):
         self.patch_size = int(model.patch_size[0])
         self.num_prefix_tokens = 1
         self.input_size = (int(model.image_size[0]), int(model.image_size[1]))
-        self.data_config = {
-            "input_size": (3, *self.input_size),
-            "mean": tuple(open_clip.OPENAI_DATASET_MEAN),
-            "std": tuple(open_clip.OPENAI_DATASET_STD),
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,  # open_clip: resize the short side to the input size, then centre crop
-        }
+        self.data_config = clip_normalisation(self.input_size)
 
     def blocks(self) -> Sequence[nn.Module]:
         return self.model.transformer.resblocks
@@ -98,7 +107,17 @@ def build_open_clip(name: str, img_size: int | None = None, drop_path: float = 0
 
 
 def convert_checkpoint(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """A full CLIP state dict -> its ``visual.`` part; ``proj`` dropped when the tower has none; positions resized."""
+    """A full CLIP state dict -> its ``visual.`` part; ``proj`` dropped when the tower has none; positions resized.
+
+    For a whole model (``CustomTextCLIP``, from :func:`build_clip_model`) the state keeps both towers: OpenAI's layout
+    (text tensors at the top level) is moved under ``text.`` by open_clip's converter, and the image tower's part is
+    converted as for a tower alone."""
+    open_clip = _open_clip()
+    if isinstance(model, open_clip.CustomTextCLIP):
+        state = open_clip.model.convert_to_custom_text_state_dict(dict(state))
+        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("visual.")}
+        return {**rest, **{f"visual.{k}": v for k, v in convert_checkpoint(visual, model.visual).items()}}
     if any(k.startswith("visual.") for k in state):
         rest = sum(not k.startswith("visual.") for k in state)
         state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
@@ -118,3 +137,58 @@ def convert_checkpoint(state: dict[str, Tensor], model: nn.Module) -> dict[str, 
         _open_clip().model.resize_pos_embed(resized, SimpleNamespace(visual=model))  # in place, open_clip's helper
         state = {**state, "positional_embedding": resized["visual.positional_embedding"]}
     return state
+
+
+def clip_model_config(name: str) -> dict[str, Any]:
+    """open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``...) of a registered model name, or of a
+    local JSON file (``configs/clip/scenes_tiny.json``) that holds one in the same format."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise MissingFileError(f"model.name: the open_clip model config {path} does not exist.")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); it should hold an open_clip model config.") from None
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in config]
+        if missing:
+            raise ConfigError(f"{path}: an open_clip model config needs {missing} (see open_clip's model_configs).")
+        return config
+    config = _open_clip().get_model_config(name)
+    if config is None:
+        close = difflib.get_close_matches(name, _open_clip().list_models(), n=5, cutoff=0.5)
+        raise ConfigError(
+            f"unknown open_clip model {name!r}. Close open_clip names: {close or 'none'}; or give the path of a JSON "
+            "file holding an open_clip model config."
+        )
+    return config
+
+
+def clip_data_config(name: str) -> dict[str, Any]:
+    """The image preprocessing of open_clip model ``name``: its image size with CLIP's normalisation."""
+    size = clip_model_config(name)["vision_cfg"].get("image_size", 224)
+    return clip_normalisation((size, size) if isinstance(size, int) else tuple(size))
+
+
+def build_clip_model(name: str) -> nn.Module:
+    """open_clip's whole model of ``name`` (see :func:`clip_model_config`) as a ``CustomTextCLIP`` (towers ``visual``
+    and ``text``, and ``logit_scale``) with random weights; ``load_pretrained`` loads a checkpoint in OpenAI's layout
+    or open_clip's into it (through :func:`convert_checkpoint`)."""
+    open_clip = _open_clip()
+    config = clip_model_config(name)
+    if config["vision_cfg"].get("timm_model_name") or config["text_cfg"].get("hf_model_name"):
+        raise ConfigError(f"open_clip model {name!r} takes a tower from timm or Hugging Face; use a plain CLIP config.")
+    options = {k: v for k, v in config.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+    return open_clip.CustomTextCLIP(**options, init_logit_bias=config.get("init_logit_bias"))
+
+
+def clip_tokenizer(name: str) -> Callable[[list[str]], Tensor]:
+    """The tokenizer of open_clip model ``name``: texts -> (N, context_length) token ids. A JSON config gets
+    open_clip's CLIP tokenizer (byte-pair, shipped with open_clip) at the config's context length."""
+    open_clip = _open_clip()
+    text_cfg = clip_model_config(name)["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        raise ConfigError(f"open_clip model {name!r} uses a Hugging Face tokenizer, which cannot be loaded offline.")
+    if name.endswith(".json"):
+        return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+    return open_clip.get_tokenizer(name)

@@ -30,6 +30,8 @@ class Target:
 
     def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
         """Views of the base weight in ``(out, in, ...)`` layout (HF Conv1D transposed) and bias, sliced to the part."""
+        if self.kind == "mha" and self.part == "out_proj":
+            return weight_and_bias(self.module.out_proj)
         return weight_and_bias(self.module, fused_parts(self.module)[self.part] if self.part != WHOLE else None)
 
     @property
@@ -99,9 +101,13 @@ def fused_parts(module: nn.Module) -> dict[str, slice]:
 
 
 def weight_and_bias(module: nn.Module, rows: slice | None = None) -> tuple[Tensor, Tensor | None]:
-    """Views of ``module``'s weight in ``(out, in, ...)`` layout and its bias, limited to output ``rows`` if given."""
-    weight = module.weight.T if is_conv1d(module) else module.weight  # HF Conv1D stores (in, out)
-    bias = getattr(module, "bias", None)  # RMS norms have none
+    """Views of ``module``'s weight in ``(out, in, ...)`` layout and its bias, limited to output ``rows`` if given;
+    for ``nn.MultiheadAttention`` its fused q/k/v in-projection."""
+    if isinstance(module, nn.MultiheadAttention):
+        weight, bias = module.in_proj_weight, module.in_proj_bias
+    else:
+        weight = module.weight.T if is_conv1d(module) else module.weight  # HF Conv1D stores (in, out)
+        bias = getattr(module, "bias", None)  # RMS norms have none
     if rows is not None:
         weight, bias = weight[rows], (bias[rows] if bias is not None else None)
     return weight, bias

@@ -13,6 +13,7 @@ name               layout (see each module's docstring)
 ``digits``         scikit-learn's ``load_digits`` (no files); seeded stratified train/val/test split
 ``vtab``           a VTAB-1k task folder (NOAH layout: ``train800``/``val200``/``train800val200``/``test`` lists)
 ``fgvc``           an FGVC dataset in VPT's json splits; the label map is built once from ``train``
+``scenes``         drawn shapes named by colour and shape (no files); few-shot and base/novel class sets
 =================  =====================================================================================
 """
 
@@ -29,6 +30,7 @@ from vpeft.data.fashion_mnist import FashionMNIST, read_idx
 from vpeft.data.fgvc import FGVCDataset
 from vpeft.data.folder import FolderDataset, ListDataset
 from vpeft.data.loader import EpochSampler, build_loader, seed_worker, set_epoch
+from vpeft.data.scenes import SceneDataset
 from vpeft.data.transforms import AUGMENT_POLICIES, build_transform
 from vpeft.data.vtab import VtabDataset
 from vpeft.registry import lookup
@@ -40,6 +42,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": Digits,
     "vtab": VtabDataset,
     "fgvc": FGVCDataset,
+    "scenes": SceneDataset,
 }
 
 

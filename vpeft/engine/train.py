@@ -80,7 +80,8 @@ def train(
     task, model, datasets = build_run(cfg)
     model.to(device)  # first: adapters are made beside their base tensors, and calibration runs on the device
     calibration = _calibration_batches(cfg, task, datasets["train"], device) if _needs_calibration(cfg) else None
-    report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **cfg.method.options)
+    options = task.method_options(cfg.method.options)
+    report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **options)
     log.info("%s", report)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

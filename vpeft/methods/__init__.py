@@ -11,6 +11,7 @@ from . import (
     bitfit,
     comp_lora,
     convpass,
+    coop,
     dora,
     dvpt,
     earth_adapter,
@@ -49,11 +50,16 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "soma": soma.SoMA,
     "salt": salt.SALT,
     "comp_lora": comp_lora.CompLoRA,
+    "coop": coop.CoOp,
 }
+
+# methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
+TEXT_TOWER_METHODS = ("coop",)
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "reference points": ("full", "linear"),
     "VTAB-1k leaderboard baselines": ("bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
+    "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
 }

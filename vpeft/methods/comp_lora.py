@@ -21,8 +21,10 @@ block, r = 2, alpha = 1, dropout 0.25 on the LoRA input. The principal subspace 
 min(out, in))`` directions with ``k_ratio = 0.1`` (77 of 768), the same split of dominant and remaining singular
 values that SALT's released configuration uses; ``k`` sets it absolutely. q, k and v are separate slices of the
 fused projection, each with its own SVD (the paper's CLIP keeps them in one ``in_proj_weight``; each d x d block
-has its own subspace). U_k and V_k are persistent buffers (saved with the adapter: an SVD on another device may
-return another basis). ViT-B/16 count: 12 * 3 * 2 * (768 + 768) = 110,592.
+has its own subspace); on ``nn.MultiheadAttention`` (open_clip's CLIP towers) the update enters through the merged
+in-projection, as LoRA's does there, so the input dropout does not apply. U_k and V_k are persistent buffers (saved
+with the adapter: an SVD on another device may return another basis). ViT-B/16 count: 12 * 3 * 2 * (768 + 768) =
+110,592.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class CompLoRAConfig(MethodConfig):
 
 class CompLoRA(AdapterModule):
     Config = CompLoRAConfig
-    wraps = ("linear",)
+    wraps = ("linear", "mha")  # nn.MultiheadAttention (open_clip's CLIP): through its merged weights, no dropout
     mergeable = True
 
     def __init__(self, target: Target, config: CompLoRAConfig, shared: nn.Module | None = None):

@@ -28,6 +28,7 @@ TASKS: dict[str, Callable[[Any], Task]] = {
     "segmentation": _lazy(".segmentation", "SegmentationTask"),
     "detection": _lazy(".detection", "DetectionTask"),
     "medical_segmentation": _lazy(".medical", "MedicalSegmentationTask"),
+    "clip_classification": _lazy(".clip", "ClipClassificationTask"),
 }
 
 

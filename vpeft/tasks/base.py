@@ -6,6 +6,7 @@
     model, datasets = task.build()                   # backbone + head with pretrained weights, before any method
     loss = task.loss(net, task.to_device(batch, device))      # one micro-batch, a scalar
     metrics = task.evaluate(model, loader, device, autocast, reduce)   # dict; metrics[task.metric]: higher is better
+    task.method_options(cfg.method.options)          # the options apply_method gets (a task may scope targets)
     task.items(batch)                                # images in a batch (throughput)
     task.export(run_dir / "adapter")                 # files the task keeps beside the adapter
 
@@ -57,6 +58,11 @@ class Task:
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         raise NotImplementedError
+
+    def method_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options the run's method is applied with: the config's, and what the task adds (the CLIP task scopes
+        the targets to the towers it adapts); they are saved with the adapter, so a load rebuilds the same."""
+        return options
 
     def evaluate(
         self,
