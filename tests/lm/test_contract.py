@@ -40,6 +40,7 @@ _TIMM_NAMES = {
     "spt_lora": "target 'norm1' matches no module",
     "spt_adapter": "target 'norm1' matches no module",
     "ssf": "target 'patch_embed.proj' matches no module",
+    "coop": "target 'token_embedding' matches no module",  # prompt context of a CLIP text tower (open_clip's name)
 }
 _ON_BERT_AND_LLAMA = {"repadapter": "role 'qkv' .* matches no module", "salt": "role 'qkv' .* matches no module"}
 _ON_BERT = {
