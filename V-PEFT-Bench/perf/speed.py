@@ -15,11 +15,22 @@ glibc's malloc raises its mmap threshold as large blocks are freed and then keep
 moves a child's peak by +-50 MB from run to run; the child therefore runs with a fixed ``MALLOC_MMAP_THRESHOLD_``, so
 every tensor of 128 KiB or more is mapped and unmapped with its life and the peak is that of the tensors alive at
 once (as ``max_memory_allocated`` is on a GPU), repeatable to 1 MB. ``--default-allocator`` measures glibc as is.
-Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up) and, for inference,
-to the base model. The ``frozen_backprop`` row is the floor for LoRA-like methods: the frozen model trained only in the
-biases of its q/k/v projections (ViT: the qkv biases and the head; SmolLM2, which has no biases: zero biases added to
-q_proj and v_proj), so the gradient runs back to the attention inputs of every block, as it must for any method that
-adapts them, with no weight gradients and no adapter arithmetic; no such method's step can be faster.
+Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up), to the floor
+below and, for inference, to the base model.
+
+The ``frozen_backprop`` row is the floor for LoRA-like methods: the frozen model trained only in the biases of its
+q/k/v projections (ViT: the qkv biases and the head; SmolLM2, which has no biases: zero biases added to q_proj and
+v_proj). Its step runs the whole forward pass, and a backward pass that carries the gradient from the loss down to
+the q and v outputs of every block (through the LM head, the MLPs, attention and the norms; not into the first
+block's input, which no q,v method needs), plus the bias gradients (row sums) and AdamW over the biases. It computes
+no weight gradient and none of an adapter's own work (for LoRA: the dropout mask, ``x' A^T``, ``h B^T``, the add and
+their gradients), so no method that adapts q and v can step faster; ``x floor`` is what the adapter's own work costs.
+With gradient checkpointing the floor recomputes every block's forward in the backward pass as the methods do, so it
+stays a floor (a method's recompute also repeats its adapter work, the dropout draw included).
+
+Timing on a shared machine: ``--threads 1 --clock cpu`` times the process's CPU time on one thread, which other load
+barely moves (it still shares caches and memory bandwidth); wall-clock ratios at the default threads need a quiet
+machine. ``--methods lora:dropout=0.0`` adds a variant with other options, to time what one option costs.
 """
 
 from __future__ import annotations
