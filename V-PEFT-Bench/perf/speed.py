@@ -15,16 +15,28 @@ glibc's malloc raises its mmap threshold as large blocks are freed and then keep
 moves a child's peak by +-50 MB from run to run; the child therefore runs with a fixed ``MALLOC_MMAP_THRESHOLD_``, so
 every tensor of 128 KiB or more is mapped and unmapped with its life and the peak is that of the tensors alive at
 once (as ``max_memory_allocated`` is on a GPU), repeatable to 1 MB. ``--default-allocator`` measures glibc as is.
-Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up) and, for inference,
-to the base model. The ``frozen_backprop`` row is the floor for LoRA-like methods: the frozen model trained only in the
-biases of its q/k/v projections (ViT: the qkv biases and the head; SmolLM2, which has no biases: zero biases added to
-q_proj and v_proj), so the gradient runs back to the attention inputs of every block, as it must for any method that
-adapts them, with no weight gradients and no adapter arithmetic; no such method's step can be faster.
+Ratios are to full fine-tuning, to HF PEFT LoRA (r=8 on the fused qkv, as users would set it up), to the floor
+below and, for inference, to the base model.
+
+The ``frozen_backprop`` row is the floor for LoRA-like methods: the frozen model trained only in the biases of its
+q/k/v projections (ViT: the qkv biases and the head; SmolLM2, which has no biases: zero biases added to q_proj and
+v_proj). Its step runs the whole forward pass, and a backward pass that carries the gradient from the loss down to
+the q and v outputs of every block (through the LM head, the MLPs, attention and the norms; not into the first
+block's input, which no q,v method needs), plus the bias gradients (row sums) and AdamW over the biases. It computes
+no weight gradient and none of an adapter's own work (for LoRA: the dropout mask, ``x' A^T``, ``h B^T``, the add and
+their gradients), so no method that adapts q and v can step faster; ``x floor`` is what the adapter's own work costs.
+With gradient checkpointing the floor recomputes every block's forward in the backward pass as the methods do, so it
+stays a floor (a method's recompute also repeats its adapter work, the dropout draw included).
+
+Timing on a shared machine: ``--threads 1 --clock cpu`` times the process's CPU time on one thread, which other load
+barely moves (it still shares caches and memory bandwidth); wall-clock ratios at the default threads need a quiet
+machine. ``--methods lora:dropout=0.0`` adds a variant with other options, to time what one option costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -42,6 +54,8 @@ import torch.nn.functional as F
 
 import vpeft
 from vpeft.engine import cli
+from vpeft.errors import ConfigError
+from vpeft.files import atomic_write
 from vpeft.methods import METHODS
 
 HF_LORA = "hf_peft_lora"
@@ -91,6 +105,25 @@ def frozen_backprop(model: torch.nn.Module, base: torch.nn.Module) -> None:
     model.head = copy.deepcopy(base.head).requires_grad_(True)
 
 
+def method_and_options(variant: str) -> tuple[str, dict]:
+    """``lora:dropout=0.0:r=16`` -> ``("lora", {"dropout": 0.0, "r": 16})``: a method with options other than its
+    defaults, to time what one option costs (values are Python literals)."""
+    method, *pairs = variant.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            sep = ""
+        if not sep or not key:
+            raise ConfigError(
+                f"--methods {variant!r}: options are key=value with a Python literal value "
+                f"(lora:dropout=0.0), got {pair!r}."
+            )
+    return method, options
+
+
 def set_grad_checkpointing(model: torch.nn.Module, on: bool) -> None:
     if MODEL == "smollm2":
         if on:
@@ -112,8 +145,9 @@ def build(variant: str, base: torch.nn.Module, grad_ckpt: bool, own: bool = Fals
         frozen_backprop(model, base)
         inner = model
     else:
-        cal = calibration() if METHODS[variant].needs_calibration else None
-        vpeft.apply_method(model, variant, calibration=cal)
+        method, options = method_and_options(variant)
+        cal = calibration() if METHODS[method].needs_calibration else None
+        vpeft.apply_method(model, method, calibration=cal, **options)
         inner = model
     set_grad_checkpointing(inner, grad_ckpt)
     return model
@@ -151,14 +185,14 @@ def step_fn(model: torch.nn.Module, device: torch.device):
     return step
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def child_peak_memory(variant: str, grad_ckpt: bool, default_allocator: bool = False) -> float:
@@ -213,6 +247,14 @@ def main() -> None:
     parser.add_argument("--model", choices=("vit_b16", "smollm2"), default="vit_b16", help="the workload")
     parser.add_argument("--methods", help="comma-separated vpeft methods (default: all registered; smollm2: lora)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time, which other load on a shared machine barely moves (use it with --threads "
+        "1: idle OpenMP threads spin and count)",
+    )
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--out", type=Path, help="markdown table (default V-PEFT-Bench/perf/results/<device>.md)")
     parser.add_argument("--memory-only", action="store_true", help="only the peak memory table (no timing)")
@@ -227,6 +269,9 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args.memory_child, args.grad_ckpt)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     references = ["full", FLOOR, HF_LORA] if MODEL == "smollm2" else ["full", "linear", FLOOR, HF_LORA]  # no LM head
@@ -242,7 +287,8 @@ def main() -> None:
     adapted = [v for v in models if v not in ("full", "linear", FLOOR)]
     infer = {"base": base} | {f"{v} unmerged": models[v] for v in adapted}
     for v in methods:
-        if v in METHODS and METHODS[v].mergeable and v not in ("full", "linear"):
+        method = method_and_options(v)[0]
+        if method in METHODS and METHODS[method].mergeable and method not in ("full", "linear"):
             merged = copy.deepcopy(models[v])  # its own base tensors: merging writes into them
             vpeft.merge(merged)
             infer[f"{v} merged"] = merged
@@ -252,11 +298,11 @@ def main() -> None:
         fn()
     for _ in range(args.reps):
         for v, fn in steps.items():
-            step_times[v].append(timed(fn, device))
+            step_times[v].append(timed(fn, device, clock))
         with torch.no_grad():
             for k, m in infer.items():
                 m.eval()
-                infer_times[k].append(timed(lambda m=m: forward(m, x), device))
+                infer_times[k].append(timed(lambda m=m: forward(m, x), device, clock))
     peak = {v: float("nan") for v in steps}
     if not args.no_memory:
         peak = {v: child_peak_memory(v, args.grad_ckpt, args.default_allocator) for v in steps}
@@ -272,19 +318,26 @@ def main() -> None:
         "",
         f"`python V-PEFT-Bench/perf/speed.py{'' if MODEL == 'vit_b16' else ' --model ' + MODEL}"
         f"{' --grad-ckpt' if args.grad_ckpt else ''} --reps {args.reps}"
+        f"{f' --threads {args.threads}' if args.threads else ''}{' --clock cpu' if args.clock == 'cpu' else ''}"
         f"{'' if args.methods == 'all' else ' --methods ' + args.methods}{' --no-memory' if args.no_memory else ''}`; "
-        f"{WORKLOADS[MODEL]}, AdamW; medians of {args.reps} interleaved rounds.",
+        f"{WORKLOADS[MODEL]}, AdamW; medians of {args.reps} interleaved rounds"
+        + (" of process CPU time." if args.clock == "cpu" else "."),
         f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. Peak memory: "
         + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
         + ("" if device.type == "cuda" or args.default_allocator else " (fixed mmap threshold)")
         + " of a child process per variant (MB).",
         "",
-        "| variant | step ms | x full | x HF LoRA | peak MB | x full |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "x floor: the ratio of medians to `frozen_backprop`'s, then the least and greatest of the per-round ratios "
+        "(each round times every variant once, so a round's ratio is the comparison least touched by other load).",
+        "",
+        "| variant | step ms | x full | x floor | x floor, rounds | x HF LoRA | peak MB | x full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for v in steps:
+        rounds = [t / f for t, f in zip(step_times[v], step_times[FLOOR], strict=True)]
         lines.append(
-            f"| {v} | {step_ms[v]:.1f} | {step_ms[v] / step_ms['full']:.3f} | {step_ms[v] / step_ms[HF_LORA]:.3f} "
+            f"| {v} | {step_ms[v]:.1f} | {step_ms[v] / step_ms['full']:.3f} | {step_ms[v] / step_ms[FLOOR]:.3f} "
+            f"| {min(rounds):.3f}-{max(rounds):.3f} | {step_ms[v] / step_ms[HF_LORA]:.3f} "
             f"| {peak[v]:.0f} | {peak[v] / peak['full']:.3f} |"
         )
     lines += ["", "| inference | ms | x base |", "| --- | ---: | ---: |"]
@@ -294,10 +347,10 @@ def main() -> None:
     name = ("gpu-" if device.type == "cuda" else "cpu-") + ("" if MODEL == "vit_b16" else f"{MODEL}-")
     name += "ckpt" if args.grad_ckpt else "plain"
     out = args.out or Path(__file__).parent / "results" / f"{name}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps({"step_ms": step_ms, "infer_ms": infer_ms, "peak_mb": peak,
-                                                      "machine": machine}, indent=2))  # fmt: skip
+    rounds_ms = {v: [1000 * t for t in ts] for v, ts in step_times.items()}
+    record = dict(step_ms=step_ms, step_rounds_ms=rounds_ms, infer_ms=infer_ms, peak_mb=peak, machine=machine)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
 if __name__ == "__main__":

@@ -84,3 +84,19 @@ def test_dropout_acts_on_the_lora_input_only_in_training():
     assert torch.equal(model(x), model(x))
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("alpha", [4.0, 12.0])  # r = 4: a scale of 1 (its multiply is skipped) and of 3
+def test_linear_update_and_gradients_are_bit_identical_to_the_formula(alpha):
+    layer = nn.Linear(10, 7)
+    model = nn.Sequential(copy.deepcopy(layer))
+    vpeft.apply_method(model, "lora", targets=["0"], r=4, alpha=alpha, dropout=0.0, head=[])
+    randomised(model)
+    lora = model[0].adapters["default"]["all"]
+    x, grad = torch.randn(5, 10), torch.randn(5, 7)
+    out = model(x)
+    expected = layer(x) + (alpha / 4) * F.linear(F.linear(x, lora.lora_A), lora.lora_B)
+    assert torch.equal(out, expected)
+    params = (lora.lora_A, lora.lora_B)
+    ours, reference = torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))

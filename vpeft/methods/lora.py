@@ -65,8 +65,11 @@ class LoRA(AdapterModule):
         x = self.dropout(x)
         if self.conv is not None:
             h = F.conv2d(x, self.lora_A, **self.conv)  # (B, r, H', W')
-            return y + self.scale * F.conv2d(h, self.lora_B[:, :, None, None])
-        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            update = F.conv2d(h, self.lora_B[:, :, None, None])
+        else:
+            update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        # a scale of 1 (the default alpha = r) is exact to skip, and saves a pass over the output each way
+        return y + (update if self.scale == 1 else self.scale * update)
 
     @classmethod
     def adapt_slices(cls, x: Tensor, y: Tensor, parts: dict[str, AdapterModule], slices: dict[str, slice]) -> Tensor:
