@@ -209,10 +209,10 @@ def test_smollm2_with_lora_generates_the_same_tokens_unmerged_and_merged():
                                          add_generation_prompt=True, tokenize=False)  # fmt: skip
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     model.eval()
-    unmerged = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    unmerged = model.generate(**ids, max_new_tokens=8, do_sample=False)
     with vpeft.disabled(model):
-        base = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        base = model.generate(**ids, max_new_tokens=8, do_sample=False)
     vpeft.merge(model)
-    merged = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    merged = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(unmerged, merged)
     assert not torch.equal(unmerged, base)  # the adapter does change the answer
