@@ -154,10 +154,14 @@ class CausalLMTask(Task):
 
     def answer_nll(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the answer tokens, and their count."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        return nll, (labels != -100).sum()
+        labels = batch["labels"]
+        first = int((labels != -100).any(0).nonzero()[0])  # the first column holding an answer token
+        keep = labels.shape[1] - first + 1  # logits from the position before it on: the prompts' vocabulary-wide
+        # logits would take (batch x prompt x vocabulary) floats, gigabytes for a few-shot batch
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        targets = labels[:, first:]
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        return nll, (targets != -100).sum()
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         nll, count = self.answer_nll(model, batch)
