@@ -60,7 +60,8 @@ REFUSALS: dict[tuple[str, str], str] = {
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two contending threads are many times slower
 
 PAIRS = [(method, lm) for method in sorted(METHODS) for lm in sorted(TINY_LMS)]
-APPLIED = [pair for pair in PAIRS if pair not in REFUSALS]
+# the contract below trains: a reference point that trains nothing (frozen) is checked in the applies-or-refuses test
+APPLIED = [pair for pair in PAIRS if pair not in REFUSALS and METHODS[pair[0]].trains]
 
 
 def test_the_refusal_table_names_registered_pairs_only():
@@ -108,7 +109,11 @@ def test_applies_or_refuses_with_the_reason_and_changes_nothing(method, lm):
     options = LM_OPTIONS.get(method, {})
     if (method, lm) not in REFUSALS:
         report = vpeft.apply_method(model, method, calibration=calibration(method), **options)
-        assert report.trainable + report.head > 0
+        assert (report.trainable + report.head > 0) == METHODS[method].trains
+        if not METHODS[method].trains:  # nothing trainable, and the model computes what it did
+            assert not any(p.requires_grad for p in model.parameters())
+            batch = batches(1)[0]
+            torch.testing.assert_close(logits(model, batch), logits(TINY_LMS[lm](), batch), rtol=0, atol=0)
         return
     with pytest.raises(UserError, match=REFUSALS[method, lm]) as refusal:
         vpeft.apply_method(model, method, calibration=calibration(method), **options)

@@ -159,7 +159,7 @@ def add_adapter(
     check_ranks(config, targets, method)  # before the first SVD or allocation of an update that does not fit
     heads = find_heads(model, config)
     trainable_base = method_cls.trainable_base(config, model)
-    if not targets and not heads and not trainable_base:
+    if method_cls.trains and not targets and not heads and not trainable_base:
         raise ConfigError(
             f"method {method!r} would train nothing on {type(model).__name__}: it adapts no module, and the model has "
             "no task head (none passed as head=, none reported by get_classifier(), no module named classifier or "

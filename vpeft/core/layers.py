@@ -59,6 +59,7 @@ class AdapterModule(nn.Module):
     restorable: ClassVar[bool] = True  # the base model survives (False for methods that train base tensors)
     needs_targets: ClassVar[bool] = True  # False for methods that only train the head or base tensors
     needs_calibration: ClassVar[bool] = False  # prepare() needs data batches
+    trains: ClassVar[bool] = True  # False for a reference point that evaluates the model as it is (frozen)
     no_weight_decay: ClassVar[tuple[str, ...]] = ()  # own parameter names kept out of weight decay (prompt tokens)
     # The LoRA family: "lora" when each module is a low-rank update y + scale * B A dropout(x) held as ``lora_A``
     # (r, in[, kh, kw]), ``lora_B`` (out, r), ``scale`` and ``dropout``; "dora" when it is DoRA's decomposition of one
