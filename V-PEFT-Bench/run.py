@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default="vtab1k", help="vtab1k | fgvc | minivtab | lm | a suite yaml")
     parser.add_argument("--tasks", help="comma-separated task names/aliases or folders under --data-root")
     parser.add_argument("--data-root", type=Path, help="folder with one sub-folder per task (default: the suite's)")
-    parser.add_argument("--methods", default="lora", help="comma-separated, `name:key=value` for options, or all")
+    parser.add_argument("--methods", default="lora", help="comma-separated (`name:key=value` for options), all, none")
     parser.add_argument("--seeds", default="3", help="a count (first N of the suite's seeds) or a list: 42,44")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="standard")
     parser.add_argument("--out", type=Path, help="results folder (default work_dirs/bench/<suite>)")
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     data_root = args.data_root or suite.default_root()
     data_root = data_root.expanduser().resolve() if data_root is not None else None
     tasks = resolve_tasks(suite, args.tasks.split(",") if args.tasks else None, data_root)
-    names = vpeft.list_methods() if args.methods == "all" else args.methods.split(",")
+    named = {"all": vpeft.list_methods(), "none": []}
+    names = named[args.methods] if args.methods in named else args.methods.split(",")
     methods = [parse_method(m) for m in names] + ([] if args.no_baselines else baselines(suite))
     seeds = parse_seeds(args.seeds, suite)
     index, count = (int(x) for x in args.shard.split("/"))
