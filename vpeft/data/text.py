@@ -9,6 +9,10 @@ Three readers, each returning ``{"train": [...], "val": [...], "test": [...]}`` 
 ``wordnet_lemmas``       an irregular word form and its base form (``geese`` -> ``goose``, ``ran`` -> ``run``) from
                          ``noun.exc``, ``verb.exc`` and ``adj.exc``; a form with several bases accepts each of them.
 
+``read_jsonl`` reads a user's own ``<root>/<split>.jsonl`` files (``{"text", "label"}`` or ``{"prompt", "answer"}``
+lines, as a ``transformers`` Trainer or TRL user brings them) into the same examples; ``text_splits`` is the one
+entry the text tasks call for either.
+
 Sizes are chosen so that on each test split a 3-point accuracy difference between two models is beyond noise
 (WordNet: 4,000 test items, standard error 0.7 points at 70%; fortunes: 1,200, 1.3 points; lemmas: 1,500).
 Packages: ``wordnet-base`` (``/usr/share/wordnet``) and ``fortunes`` (``/usr/share/games/fortunes``).
@@ -17,6 +21,7 @@ Packages: ``wordnet-base`` (``/usr/share/wordnet``) and ``fortunes`` (``/usr/sha
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vpeft.data.system import SYSTEM_DATA, system_data
-from vpeft.errors import ConfigError, DataError
+from vpeft.errors import ConfigError, DataError, MissingFileError
 
 SPLITS = ("train", "val", "test")
 
@@ -191,8 +196,112 @@ def wordnet_lemmas(
     return out
 
 
+JSONL_FIELDS = {"label": ("text", "label"), "answer": ("prompt", "answer")}
+
+
+def read_jsonl(
+    root: str | Path, splits: tuple[str, ...], target: str, classes: list[str] | None = None
+) -> tuple[dict[str, list[TextExample]], list[str]]:
+    """``<root>/<split>.jsonl`` for each split: ``{"text", "label"}`` lines (``target="label"``) or ``{"prompt",
+    "answer"}`` lines (``target="answer"``; ``answer`` a string or a list of accepted strings).
+
+    Labels are class names (strings or integers); the label set is ``classes`` when given, else the sorted labels of
+    the first split (train). Every bad line of every file is named at once (file and line), before any training.
+    """
+    text_key, target_key = JSONL_FIELDS[target]
+    out: dict[str, list[TextExample]] = {}
+    rows: dict[str, list[tuple[int, str, object]]] = {}
+    problems: list[str] = []
+    for split in splits:
+        path = Path(root) / f"{split}.jsonl"
+        if not path.is_file():
+            raise MissingFileError(
+                f"{path} does not exist: data.name jsonl reads <data.root>/<split>.jsonl, one JSON object per line "
+                f"with keys {text_key!r} and {target_key!r}."
+            )
+        rows[split] = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{path}, line {number}: not JSON ({err.msg})")
+                continue
+            if not isinstance(item, dict) or text_key not in item or target_key not in item:
+                problems.append(f"{path}, line {number}: expected an object with keys {text_key!r} and {target_key!r}")
+                continue
+            text, value = item[text_key], item[target_key]
+            if not isinstance(text, str) or not text.strip():
+                problems.append(f"{path}, line {number}: {text_key!r} is empty or not a string")
+            elif target == "answer":
+                answers = [value] if isinstance(value, str) else value
+                if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                    problems.append(f"{path}, line {number}: 'answer' must be a string or a list of strings")
+                elif any(not a.strip() for a in answers):
+                    problems.append(f"{path}, line {number}: empty answer (there is nothing to train or match)")
+                else:
+                    rows[split].append((number, text, tuple(answers)))
+            elif isinstance(value, str | int) and not isinstance(value, bool):
+                rows[split].append((number, text, str(value)))
+            else:
+                problems.append(f"{path}, line {number}: 'label' must be a class name (string or integer)")
+        if not rows[split] and not problems:
+            problems.append(f"{path}: no examples")
+    if target == "label":
+        source = "data.options.classes"
+        if classes is None:
+            first = splits[0]
+            classes = sorted({label for _, _, label in rows[first]}, key=lambda c: (not c.isdigit(), len(c), c))
+            source = f"the labels of {Path(root) / f'{first}.jsonl'}"
+        index = {str(c): i for i, c in enumerate(classes)}
+        for split in splits:
+            for number, _, label in rows[split]:
+                if label not in index:
+                    problems.append(f"{Path(root) / f'{split}.jsonl'}, line {number}: label {label!r} is not in the "
+                                    f"label set ({source}: {list(classes)})")  # fmt: skip
+    if problems:
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad lines in the jsonl data{more}:\n  " + "\n  ".join(problems[:20]))
+    for split in splits:
+        if target == "label":
+            out[split] = [TextExample(text, label=index[label]) for _, text, label in rows[split]]
+        else:
+            out[split] = [TextExample(text, answers=answers) for _, text, answers in rows[split]]
+    return out, [str(c) for c in classes or []]
+
+
+def text_splits(
+    name: str, root: str | Path | None, splits: tuple[str, ...], target: str, **options
+) -> tuple[dict[str, list[TextExample]], list[str]]:
+    """The examples of ``splits`` (train first) and the class names (empty for generation) of the text data ``name``:
+    ``jsonl`` (a user's files under ``root``; option ``classes``) or a reader of ``TEXT_SOURCES`` (its options:
+    ``seed``, split sizes)."""
+    if name == "jsonl":
+        if root is None:
+            raise ConfigError("data.name jsonl needs data.root: the folder holding train.jsonl, val.jsonl, test.jsonl.")
+        return read_jsonl(root, splits, target, **options)
+    reader = TEXT_SOURCES.get(name)
+    if reader is None:
+        raise ConfigError(f"data.name {name!r} is not text data; use jsonl or one of {sorted(TEXT_SOURCES)}.")
+    wanted = "label" if name in CLASS_NAMES else "answer"
+    if wanted != target:
+        kind = "classification" if wanted == "label" else "prompt -> answer"
+        raise ConfigError(f"data.name {name!r} is {kind} data; it does not fit this task (task: "
+                          f"{'text_classification' if wanted == 'label' else 'causal_lm'}).")  # fmt: skip
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ConfigError(f"{name} has the splits {SPLITS}; the config asks for {unknown} (data.*_split).")
+    if "classes" in options:
+        raise ConfigError(f"data.options.classes is for jsonl data; {name} has its own classes.")
+    data = reader(root=root, **options)
+    return {s: data[s] for s in splits}, list(CLASS_NAMES.get(name, ()))
+
+
 TEXT_SOURCES = {"wordnet_supersenses": wordnet_supersenses, "fortune_topics": fortune_topics,
                 "wordnet_lemmas": wordnet_lemmas}  # fmt: skip
 CLASS_NAMES = {"wordnet_supersenses": SUPERSENSES, "fortune_topics": FORTUNE_TOPICS}
-__all__ = ["CLASS_NAMES", "SYSTEM_DATA", "TEXT_SOURCES", "TextExample", "fortune_topics", "wordnet_lemmas",
-           "wordnet_supersenses"]  # fmt: skip
+SOURCE_OPTIONS = {"jsonl": ("classes",), "wordnet_supersenses": ("seed", "per_class"),
+                  "fortune_topics": ("seed", "per_class"), "wordnet_lemmas": ("seed", "sizes")}  # fmt: skip
+__all__ = ["CLASS_NAMES", "SOURCE_OPTIONS", "SYSTEM_DATA", "TEXT_SOURCES", "TextExample", "fortune_topics",
+           "read_jsonl", "text_splits", "wordnet_lemmas", "wordnet_supersenses"]  # fmt: skip

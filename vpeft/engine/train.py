@@ -83,20 +83,22 @@ def train(
     report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **cfg.method.options)
     log.info("%s", report)
     if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        enable_grad_checkpointing(model)
     net = dist.wrap(model)  # DistributedDataParallel under torchrun; the model itself otherwise
 
     steps_per_epoch = math.ceil(len(_loader(cfg, task, datasets["train"], True, dist)) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    # nothing trainable (the method `frozen`: zero- and few-shot rows): no optimiser, no epochs, only the evaluations
+    trainable = any(p.requires_grad for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas) if trainable else None
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    scheduler = cosine_with_warmup(optimizer, total_steps, warmup_steps, cfg.optim.min_lr)
+    scheduler = cosine_with_warmup(optimizer, total_steps, warmup_steps, cfg.optim.min_lr) if trainable else None
     autocast = _autocast(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
 
     counters = {"epoch": 0, "step": 0, "best": None, "images": 0, "train_seconds": 0.0}
     metrics = MetricsLog(run_dir, cfg.train.tensorboard) if dist.main else None
-    if resume:
+    if resume and trainable:
         counters = load_checkpoint(run_dir / CHECKPOINT, model, optimizer, scheduler, scaler)
         if dist.main:
             metrics.truncate_after(counters["step"])
@@ -111,7 +113,7 @@ def train(
     reset_peak_memory(device)
 
     checked = False
-    for epoch in range(counters["epoch"], cfg.train.epochs):
+    for epoch in range(counters["epoch"], cfg.train.epochs if trainable else 0):
         model.train()
         loader = _loader(cfg, task, datasets["train"], True, dist, epoch)
         tic, seen, window = time.perf_counter(), 0, []  # window: losses of the micro-batches of one step
@@ -185,6 +187,13 @@ def train(
         if last:
             break
 
+    if not trainable:
+        if "val" in datasets:
+            val = task.evaluate(model, _loader(cfg, task, datasets["val"], False, dist), device, autocast, dist.sum)
+            counters["best"] = {"epoch": 0, **val}
+        if dist.main:
+            vpeft.save_adapter(model, run_dir / "adapter")  # the method's record: tools/test.py reopens the run
+            task.export(run_dir / "adapter")
     test = task.evaluate(model, _loader(cfg, task, datasets["test"], False, dist), device, autocast, dist.sum)
     if dist.main:
         metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
@@ -255,6 +264,17 @@ def build_run(cfg: RunConfig) -> tuple[Task, nn.Module, dict[str, Any]]:
     task = build_task(cfg)
     model, datasets = task.build()
     return task, model, datasets
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """``model.grad_checkpointing: true``: timm models and vpeft's heads through their ``set_grad_checkpointing``,
+    Hugging Face models (a causal LM used as it is) through their own, non-reentrant (frozen inputs pass gradients)."""
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError(f"model.grad_checkpointing: {type(model).__name__} has no gradient checkpointing; set false.")
 
 
 def check_gradients(model: nn.Module) -> None:

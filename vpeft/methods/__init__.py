@@ -28,6 +28,7 @@ from ._registry import METHODS
 
 METHODS |= {  # the dict itself lives in _registry, where a method may look others up (SPT)
     "full": baselines.Full,
+    "frozen": baselines.Frozen,
     "linear": baselines.LinearProbe,
     "bitfit": bitfit.BitFit,
     "lora": lora.LoRA,
@@ -52,7 +53,7 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
 }
 
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "reference points": ("full", "linear"),
+    "reference points": ("full", "linear", "frozen"),
     "VTAB-1k leaderboard baselines": ("bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),

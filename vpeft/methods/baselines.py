@@ -1,8 +1,11 @@
-"""The two reference points of every PEFT table: linear probing and full fine-tuning, the "Linear" and "Full" rows
-of the VTAB-1k and FGVC tables (Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119, Table 1).
+"""The reference points of every PEFT table: linear probing and full fine-tuning, the "Linear" and "Full" rows
+of the VTAB-1k and FGVC tables (Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119, Table 1), and the
+pretrained model as it is, the zero- and few-shot rows of language-model tables.
 
 * ``linear``: the backbone is frozen and only the task head trains (VPT's "Linear" row; 0 parameters besides the
   head). Merging puts the trained head in place of the original.
+* ``frozen``: nothing trains, not even a head; a run only evaluates the pretrained model (with k-shot prompts:
+  in-context learning, GPT-3's "zero-shot" and "few-shot" rows, Brown et al., NeurIPS 2020, arXiv:2005.14165).
 * ``full``: every parameter trains in place (VPT's "Full" row). There is no frozen base to return to, so it cannot be
   disabled or unmerged, and its adapter file holds the whole model.
 """
@@ -23,6 +26,17 @@ class LinearProbeConfig(MethodConfig):
 
 class LinearProbe(AdapterModule):
     Config = LinearProbeConfig
+    needs_targets = False
+    mergeable = True
+
+
+@dataclass
+class FrozenConfig(MethodConfig):
+    head: tuple[str, ...] | None = ()  # not even the head trains
+
+
+class Frozen(AdapterModule):
+    Config = FrozenConfig
     needs_targets = False
     mergeable = True
 

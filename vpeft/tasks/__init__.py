@@ -1,7 +1,7 @@
 """Tasks: what a run trains for. ``TASKS`` maps the config's ``task`` to a :class:`Task` class or builder.
 
-Only classification is imported eagerly; the dense tasks import their libraries (torchmetrics, torchvision's
-detectors, MONAI) when a run asks for them, so those stay optional extras.
+Only classification is imported eagerly; the dense and text tasks import their libraries (torchmetrics,
+torchvision's detectors, MONAI, transformers) when a run asks for them, so those stay optional extras.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ TASKS: dict[str, Callable[[Any], Task]] = {
     "segmentation": _lazy(".segmentation", "SegmentationTask"),
     "detection": _lazy(".detection", "DetectionTask"),
     "medical_segmentation": _lazy(".medical", "MedicalSegmentationTask"),
+    "text_classification": _lazy(".text_classification", "TextClassificationTask"),
+    "causal_lm": _lazy(".causal_lm", "CausalLMTask"),
 }
 
 
