@@ -16,6 +16,7 @@ from vbench.runner import check_result, collect
 from vbench.suite import load_suite, resolve_tasks
 
 from tests.bench._helpers import ROOT, load_script
+from vpeft.engine.config import load_config
 
 run_tool = load_script("V-PEFT-Bench/run.py")
 MINIVTAB_RECIPE = ROOT / "configs" / "bench" / "recipes" / "minivtab.yaml"
@@ -51,9 +52,16 @@ def test_the_lm_suite_file_validates_and_names_its_recipes():
     suite = load_suite("lm")
     tasks = resolve_tasks(suite, None, None)
     assert [t.name for t in tasks] == ["wordnet16", "fortunes8", "lemmas"]
+    expected = {"wordnet16": ("text_classification", "minilm", "wordnet_supersenses", 150),
+                "fortunes8": ("text_classification", "minilm", "fortune_topics", None),
+                "lemmas": ("causal_lm", "smollm2", "wordnet_lemmas", None)}  # fmt: skip
     for task in tasks:
-        assert task.recipe == (ROOT / "configs" / "lm" / task.name / "_base.yaml").resolve() and task.recipe.is_file()
+        assert task.recipe == ROOT / "configs" / "bench" / "recipes" / f"lm_{task.name}.yaml"
         assert task.root is None  # the text readers find their own data
+        cfg = load_config(task.recipe, list(task.overrides))  # the task's _base.yaml under configs/lm, and its model
+        task_name, model, data, test_per_class = expected[task.name]
+        assert (cfg.task, cfg.model.name, cfg.data.name) == (task_name, model, data)
+        assert cfg.data.options.get("per_class", {}).get("test") == test_per_class
     assert suite.metric() == "score"  # accuracy on two tasks, exact match on the third
     assert {"standard", "quick"} <= set(suite.protocols) and suite.protocols["quick"].tune is None
     refs = {ref.label: ref for ref in baselines(suite)}
