@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             first[method.label] = task
             check_method(suite, args.protocol, task, method, seeds, args.set)
     if args.shard == "0/1":  # the parent of --jobs shards prints the plan once
-        shown = ", ".join(m.label for m in methods)
+        shown = ", ".join(dict.fromkeys(m.label for m, _ in units))  # baselines only where they apply
         print(f"suite {suite.name}: {len(tasks)} tasks x methods {shown} x seeds {seeds}; {args.protocol}")
         fixed = [item.split("=", 1)[0] for item in args.set]
         print(f"  ({label(args.protocol, False, spec, fixed)}); results in {out}", flush=True)

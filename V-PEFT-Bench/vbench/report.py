@@ -138,9 +138,10 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
                     _write(csv_path, board.to_csv(table, tasks, protocol, metric))
                     written.append(csv_path)
                     plot_title = f"{suite.name}, {label(protocol, best_epoch, spec)}"
+                    axis = suite.metric_label()
                     for made in (
-                        plots.accuracy_vs_params(table, out / f"accuracy_vs_params_{stem}.png", plot_title),
-                        plots.heatmap(table, tasks, out / f"heatmap_{stem}.png", plot_title),
+                        plots.accuracy_vs_params(table, out / f"accuracy_vs_params_{stem}.png", plot_title, axis),
+                        plots.heatmap(table, tasks, out / f"heatmap_{stem}.png", plot_title, axis),
                     ):
                         if made:
                             written.append(made)

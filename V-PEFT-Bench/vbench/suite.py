@@ -135,6 +135,12 @@ class Suite(_Strict):
             return [(name, "fgvc") for name in FGVC]
         return [(t.name, t.group) for t in SUITES[self.tasks].values()]
 
+    def metric_label(self) -> str:
+        """The tasks' metrics as an axis label: ``top-1`` for the image tables, ``accuracy / exact_match`` for text."""
+        if not isinstance(self.tasks, dict):
+            return "top-1"
+        return " / ".join(dict.fromkeys(t.metric for t in self.tasks.values()))
+
     def metric(self) -> str:
         """The tasks' metric, or ``score`` when they differ (accuracy on some, exact match on others)."""
         names = {t.metric for t in self.tasks.values()} if isinstance(self.tasks, dict) else {"top1"}
