@@ -80,16 +80,21 @@ def _cost(records: list[dict[str, Any]]) -> str:
     for r in records:
         if r["status"] == "ok":
             by_method[r["method"]].append(r)
-    head = ["method", "runs", "wall s (all runs)", "wall s per final run (mean)", "train items/s (mean)",
-            "peak memory MB (max)"]  # fmt: skip
+    head = ["method", "runs", "wall s (all runs)", "wall s per final run (mean)", "CPU s per final run (mean)",
+            "train items/s (mean)", "peak memory MB (max)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def mean_of(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.0f}" if values else ""
+
     for method, mine in sorted(by_method.items(), key=lambda kv: -sum(r["wall_seconds"] for r in kv[1])):
         wall = sum(r["wall_seconds"] for r in mine)
-        final = [r["wall_seconds"] for r in mine if r["phase"] == "final"]
-        per_final = f"{statistics.fmean(final):.0f}" if final else ""
+        final = [r for r in mine if r["phase"] == "final"]
+        per_final = mean_of([r["wall_seconds"] for r in final])
+        cpu = mean_of([r["cpu_seconds"] for r in final if r.get("cpu_seconds") is not None])
         speed = statistics.fmean(r["images_per_second"] for r in mine)
         peak = max(r["peak_memory_mb"] for r in mine)
-        lines.append(f"| `{method}` | {len(mine)} | {wall:.0f} | {per_final} | {speed:.0f} | {peak:.0f} |")
+        lines.append(f"| `{method}` | {len(mine)} | {wall:.0f} | {per_final} | {cpu} | {speed:.0f} | {peak:.0f} |")
     total = sum(r["wall_seconds"] for rs in by_method.values() for r in rs)
     return "\n".join(lines) + f"\n\nTotal wall time of the recorded runs: {total:.0f} s ({total / 60:.1f} min).\n"
 
