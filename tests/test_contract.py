@@ -16,6 +16,9 @@ from vpeft.methods import METHODS
 from .conftest import tiny_vit
 
 ALL = sorted(METHODS)
+# `frozen` (the zero- and few-shot reference point) trains nothing by design: the tests that train, perturb or
+# differentiate its tensors have none to work on, and test_frozen_trains_nothing_and_changes_nothing checks it instead.
+TRAINED = [m for m in ALL if m != "frozen"]
 
 
 def perturb(model: torch.nn.Module) -> None:
@@ -57,7 +60,16 @@ def test_output_at_init(method, images):
     torch.testing.assert_close(model(images), base(images), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ALL)
+def test_frozen_trains_nothing_and_changes_nothing(images):
+    base, model = adapted("frozen")
+    report = vpeft.report(model)
+    assert not any(p.requires_grad for p in model.parameters()) and report.trainable + report.head == 0
+    assert set(model.state_dict()) == set(base.state_dict())
+    with vpeft.disabled(model):
+        torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", TRAINED)
 def test_only_method_tensors_train(method):
     base, model = adapted(method)
     report = vpeft.report(model)
@@ -71,7 +83,7 @@ def test_only_method_tensors_train(method):
         assert trainable == {n for n, _ in base.named_parameters()}
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", TRAINED)
 def test_every_trainable_tensor_gets_gradient(method, images):
     _, model = adapted(method)
     model.train()
@@ -127,7 +139,7 @@ def _base_value(model: torch.nn.Module, key: str) -> torch.Tensor:
     raise KeyError(key)
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", TRAINED)
 def test_disable_gives_base_output(method, images):
     base, model = adapted(method)
     perturb(model)
@@ -141,7 +153,7 @@ def test_disable_gives_base_output(method, images):
     assert not torch.allclose(model(images), base(images))
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", TRAINED)
 def test_adapters_are_made_in_the_base_dtype(method, images):
     """Applied to a model already cast (or moved to a GPU), a method's tensors follow the base: a float64 model gets
     float64 adapters, computes what the float32 one does, and trains in float64."""

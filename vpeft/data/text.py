@@ -252,7 +252,8 @@ def read_jsonl(
         source = "data.options.classes"
         if classes is None:
             first = splits[0]
-            classes = sorted({label for _, _, label in rows[first]}, key=lambda c: (not c.isdigit(), len(c), c))
+            numbers_first = lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c)  # noqa: E731  (2 before 10)
+            classes = sorted({label for _, _, label in rows[first]}, key=numbers_first)
             source = f"the labels of {Path(root) / f'{first}.jsonl'}"
         index = {str(c): i for i, c in enumerate(classes)}
         for split in splits:

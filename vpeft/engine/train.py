@@ -191,6 +191,8 @@ def train(
         if "val" in datasets:
             val = task.evaluate(model, _loader(cfg, task, datasets["val"], False, dist), device, autocast, dist.sum)
             counters["best"] = {"epoch": 0, **val}
+            if dist.main:
+                metrics.log({"step": 0, "epoch": 0, "split": "val", **val})
         if dist.main:
             vpeft.save_adapter(model, run_dir / "adapter")  # the method's record: tools/test.py reopens the run
             task.export(run_dir / "adapter")
