@@ -11,7 +11,7 @@ or the tasks themselves, each with its own recipe (a task whose data a reader bu
 
     tasks:
       wordnet16: {recipe: recipes/lm_wordnet16.yaml, metric: accuracy, set: [data.batch_size=32]}
-      lemmas: {recipe: recipes/lm_lemmas.yaml, metric: exact_match, method_set: {lora: [method.alpha=16]}}
+      lemmas: {recipe: recipes/lm_lemmas.yaml, metric: exact_match, method_set: {dora: [method.r=4]}}
 
 and then, for both::
 
