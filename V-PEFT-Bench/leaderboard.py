@@ -1,6 +1,7 @@
 """Rebuild a leaderboard from result files: a results folder (every ``result.json`` below it) or a ``runs.jsonl``.
 
     python V-PEFT-Bench/leaderboard.py --suite vtab1k --results work_dirs/bench/vtab1k
+    python V-PEFT-Bench/leaderboard.py --suite lm --results V-PEFT-Bench/results/lm/runs.jsonl
     python V-PEFT-Bench/leaderboard.py --suite minivtab --results V-PEFT-Bench/results/minivtab/runs.jsonl \\
         --out V-PEFT-Bench/results/minivtab
 
@@ -20,7 +21,7 @@ for path in (HERE.parent, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from vbench.report import read_jsonl, write_leaderboard  # noqa: E402
+from vbench.report import check_summary, checks, read_jsonl, write_leaderboard  # noqa: E402
 from vbench.runner import check_result, collect  # noqa: E402
 from vbench.suite import load_suite  # noqa: E402
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # runs.jsonl, written below, is all it needs
     written = write_leaderboard(records, suite, out, command)
     print("\n".join(str(p) for p in written))
+    verdicts = check_summary(checks(records, suite))
+    if verdicts:
+        print(verdicts)
     return 0
 
 

@@ -9,12 +9,18 @@ Two overall means are in use in the literature, and both are reported, labelled:
 NOAH's Table 1 row gives 75.48 (printed 75.5) as a group mean but 73.25 as a 19-task mean. A group mean is left blank
 unless every task of the group has a result, and each overall mean unless all of its parts have one: a partial mean
 is never shown as if it were the whole. Std is the sample standard deviation over seeds (``ddof=1``).
+
+A score in percent is a proportion of test items, so the test split alone limits how well it is known: its binomial
+standard error ``100 * sqrt(p (1 - p) / n)`` (p the mean score as a fraction, n the test items) sits beside the seed
+std wherever the records carry ``test_size``. Two scores on test splits of that size differ beyond ``k`` standard
+errors when their gap exceeds ``k * sqrt(se_a^2 + se_b^2)`` (:func:`verdict`), the suite's check against its baselines.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -23,6 +29,18 @@ from pathlib import Path
 from typing import Any
 
 GROUP_ORDER = ("natural", "specialized", "structured")
+BEST_EPOCH = "_best_epoch"  # literature: f"{metric}_best_epoch" holds the best test score over the evaluated epochs
+
+
+def metric_key(record: dict[str, Any], best_epoch: bool = False) -> str:
+    """Where a record keeps its score: the task's metric (``metric``; records before it existed: ``top1``), with
+    the literature protocol's best-over-epochs under ``<metric>_best_epoch``."""
+    return record.get("metric", "top1") + (BEST_EPOCH if best_epoch else "")
+
+
+def score(record: dict[str, Any], best_epoch: bool = False) -> float | None:
+    """The record's main score on its eval split (None when absent: a failed run)."""
+    return record.get(metric_key(record, best_epoch))
 
 
 @dataclass
@@ -33,6 +51,8 @@ class Cell:
     params: float
     params_with_head: float
     hparams: list[dict[str, Any]] = field(default_factory=list)
+    test_size: int | None = None  # items on the test split (None: records that do not say)
+    baseline: bool = False  # a reference row of the suite (linear probe, in-context prompting)
 
     @property
     def mean(self) -> float:
@@ -42,16 +62,42 @@ class Cell:
     def std(self) -> float | None:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
+    @property
+    def se(self) -> float | None:
+        """Binomial standard error of the mean score (percent) on the test split; None without its size."""
+        return binomial_se(self.mean, self.test_size) if self.test_size else None
 
-def cells(records: Iterable[dict[str, Any]], protocol: str, metric: str = "top1") -> dict[tuple[str, str], Cell]:
-    """``(method, task) -> Cell`` from the ``ok`` final-phase records of one protocol."""
+
+def binomial_se(percent: float, n: int) -> float:
+    """``100 * sqrt(p (1 - p) / n)`` for a score of ``percent`` on ``n`` items."""
+    p = min(max(percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def verdict(method: Cell, baseline: Cell, sigmas: float) -> tuple[float, float | None, bool]:
+    """``(gap, gap / se_of_gap, passed)``: does ``method`` beat ``baseline`` by more than ``sigmas`` standard errors
+    of the difference (``sqrt(se_m^2 + se_b^2)``)? Without both test sizes nothing is claimed (None, False)."""
+    gap = method.mean - baseline.mean
+    if method.se is None or baseline.se is None:
+        return gap, None, False
+    se = math.hypot(method.se, baseline.se)
+    ratio = gap / se if se > 0 else (math.inf if gap > 0 else 0.0)
+    return gap, ratio, ratio > sigmas
+
+
+def cells(records: Iterable[dict[str, Any]], protocol: str, best_epoch: bool = False) -> dict[tuple[str, str], Cell]:
+    """``(method, task) -> Cell`` from the ``ok`` final-phase records of one protocol: each record's own metric, or
+    its best epoch on the test split (``best_epoch``, literature)."""
     out: dict[tuple[str, str], Cell] = {}
     for r in records:
-        if r["status"] != "ok" or r["phase"] != "final" or r["protocol"] != protocol or r.get(metric) is None:
+        value = score(r, best_epoch)
+        if r["status"] != "ok" or r["phase"] != "final" or r["protocol"] != protocol or value is None:
             continue
-        empty = Cell([], r["trainable_params"], r["trainable_params_with_head"])
+        empty = Cell([], r["trainable_params"], r["trainable_params_with_head"], baseline=bool(r.get("baseline")))
         cell = out.setdefault((r["method"], r["task"]), empty)
-        cell.values.append(float(r[metric]))
+        cell.values.append(float(value))
+        if r.get("test_size"):
+            cell.test_size = max(cell.test_size or 0, int(r["test_size"]))
         if r["hparams"] and r["hparams"] not in cell.hparams:
             cell.hparams.append(r["hparams"])
     return out
@@ -96,6 +142,7 @@ def rows(found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]]) -
                 "params": statistics.fmean(params) if params else None,
                 "params_with_head": statistics.fmean(c.params_with_head for c in mine.values()) if mine else None,
                 "seeds": max((len(c.values) for c in mine.values()), default=0),
+                "baseline": any(c.baseline for c in mine.values()),
                 **stats,
             }
         )
@@ -108,6 +155,44 @@ def rows(found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]]) -
     return sorted(out, key=rank)
 
 
+def check(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], method: str, sigmas: float) -> list[dict]:
+    """Per task: ``method`` against the best baseline row on that task (highest mean), by :func:`verdict`.
+
+    A task where either side has no result says so (``passed`` None) instead of passing or failing.
+    """
+    mine = next((row for row in table if row["method"] == method), None)
+    out = []
+    for task, _ in tasks:
+        cell = mine["cells"].get(task) if mine else None
+        bases = [(row["cells"][task], row["method"]) for row in table if row["baseline"] and task in row["cells"]]
+        best = max(bases, key=lambda b: b[0].mean, default=None)
+        entry = {"task": task, "method": method, "sigmas": sigmas, "cell": cell, "baseline": None, "base_cell": None,
+                 "gap": None, "ratio": None, "passed": None}  # fmt: skip
+        if cell is not None and best is not None:
+            gap, ratio, passed = verdict(cell, best[0], sigmas)
+            entry.update(baseline=best[1], base_cell=best[0], gap=gap, ratio=ratio, passed=passed)
+        out.append(entry)
+    return out
+
+
+def check_markdown(checked: list[dict[str, Any]]) -> str:
+    """The check as a table: scores with their standard errors, the gap, the gap in standard errors, pass/fail."""
+    if not checked:
+        return ""
+    method, sigmas = checked[0]["method"], checked[0]["sigmas"]
+    lines = [f"| task | `{method}` | best baseline | gap | gap / SE | > {sigmas:g} SE |", "|" + " --- |" * 6]
+    for c in checked:
+        if c["passed"] is None:
+            missing = f"no `{method}` result" if c["cell"] is None else "no baseline result"
+            lines.append(f"| {c['task']} | {_cell(c['cell'])} | | | | {missing} |")
+            continue
+        ratio = "" if c["ratio"] is None else f"{c['ratio']:.1f}"
+        verdict_text = "pass" if c["passed"] else ("fail" if c["ratio"] is not None else "no test size")
+        lines.append(f"| {c['task']} | {_cell(c['cell'])} | `{c['baseline']}` {_cell(c['base_cell'])} | "
+                     f"{c['gap']:+.2f} | {ratio} | {verdict_text} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _num(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -115,7 +200,12 @@ def _num(value: float | None, digits: int = 2) -> str:
 def _cell(cell: Cell | None) -> str:
     if cell is None:
         return ""
-    return f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    text = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    return text + (f" (SE {cell.se:.2f})" if cell.se is not None else "")
+
+
+def _name(row: dict[str, Any]) -> str:
+    return f"`{row['method']}`" + (" (baseline)" if row.get("baseline") else "")
 
 
 def _params(value: float | None) -> str:
@@ -140,29 +230,32 @@ def markdown(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], head
     head += [f"Mean ({len(tasks)} tasks)", "seeds"]
     lines = [f"### {heading}", "", caption, "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in table:
-        cols = [f"`{row['method']}`", _params(row["params"]), *(_num(row[g]) for g in groups)]
+        cols = [_name(row), _params(row["params"]), *(_num(row[g]) for g in groups)]
         cols += [_num(row["mean_groups"])] if multi else []
         cols += [_num(row["mean_tasks"]), str(row["seeds"])]
         lines.append("| " + " | ".join(cols) + " |")
     lines += ["", "| method | " + " | ".join(t for t, _ in tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
     for row in table:
-        lines.append(f"| `{row['method']}` | " + " | ".join(_cell(row["cells"].get(t)) for t, _ in tasks) + " |")
+        lines.append(f"| {_name(row)} | " + " | ".join(_cell(row["cells"].get(t)) for t, _ in tasks) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], protocol: str, metric: str) -> str:
-    """One row per method: params, per-task mean and std, group means, both overall means."""
+    """One row per method: params, per-task mean, std and test-split standard error, group means, both overall
+    means."""
     groups = groups_of(tasks)
-    head = ["protocol", "metric", "method", "params", "params_with_head", "seeds"]
-    head += [f"{t}{s}" for t, _ in tasks for s in ("", "_std")] + groups + ["mean_groups", "mean_tasks"]
+    head = ["protocol", "metric", "method", "params", "params_with_head", "seeds", "baseline"]
+    head += [f"{t}{s}" for t, _ in tasks for s in ("", "_std", "_se")] + groups + ["mean_groups", "mean_tasks"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(head)
     for row in table:
         values = [protocol, metric, row["method"], row["params"], row["params_with_head"], row["seeds"]]
+        values.append(int(row["baseline"]))
         for t, _ in tasks:
             cell = row["cells"].get(t)
-            values += [cell.mean if cell else "", cell.std if cell and cell.std is not None else ""]
+            values += [cell.mean if cell else ""]
+            values += [getattr(cell, key) if cell and getattr(cell, key) is not None else "" for key in ("std", "se")]
         values += [row[g] if row[g] is not None else "" for g in groups]
         values += [row[k] if row[k] is not None else "" for k in ("mean_groups", "mean_tasks")]
         writer.writerow(["" if v is None else round(v, 4) if isinstance(v, float) else v for v in values])

@@ -2,7 +2,7 @@
 
 * ``accuracy_vs_params.png``: the overall mean of each method against its trainable parameters without the head
   (symmetric-log x axis, so the linear probe's 0 sits at the left edge);
-* ``per_task_heatmap.png``: methods x tasks, the mean top-1 over seeds written in each cell.
+* ``per_task_heatmap.png``: methods x tasks, the mean score (top-1, accuracy, exact match) over seeds in each cell.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _overall(row: dict[str, Any]) -> tuple[float | None, str]:
     return None, ""
 
 
-def accuracy_vs_params(table: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+def accuracy_vs_params(table: list[dict[str, Any]], path: Path, title: str, metric: str = "top-1") -> Path | None:
     """Scatter of the overall mean against trainable parameters; methods without a complete mean are left out."""
     points = [(row["params"], *_overall(row), row["method"]) for row in table if _overall(row)[0] is not None]
     if not points:
@@ -38,7 +38,7 @@ def accuracy_vs_params(table: list[dict[str, Any]], path: Path, title: str) -> P
         ax.annotate(method, (params, score), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("symlog", linthresh=1e3)
     ax.set_xlabel("trainable parameters without the head (symlog)")
-    ax.set_ylabel(f"top-1 (%), {points[0][2]}")
+    ax.set_ylabel(f"{metric} (%), {points[0][2]}")
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -47,7 +47,9 @@ def accuracy_vs_params(table: list[dict[str, Any]], path: Path, title: str) -> P
     return path
 
 
-def heatmap(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], path: Path, title: str) -> Path | None:
+def heatmap(
+    table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], path: Path, title: str, metric: str = "top-1"
+) -> Path | None:
     """Methods (rows, leaderboard order) x tasks (columns, suite order), blank where there is no result."""
     if not table:
         return None
@@ -66,7 +68,7 @@ def heatmap(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], path:
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(table)), [row["method"] for row in table], fontsize=7)
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
-    fig.colorbar(image, ax=ax, label="top-1 (%)")
+    fig.colorbar(image, ax=ax, label=f"{metric} (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

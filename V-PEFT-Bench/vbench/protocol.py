@@ -11,6 +11,12 @@ over the seeds. The test split is never looked at before the report.
 the test split evaluated every ``eval_every`` epochs. Both the last-epoch accuracy and the **best test accuracy over
 epochs** (model selection on the test set, as NOAH#6 confirms for NOAH) are recorded; the second exists only to sit
 beside published tables and is always labelled as such.
+
+``quick`` (CI-sized runs): the recipe's fixed hyperparameters, no grid, trained on the final split and scored at the
+end of training on the test split. It is ``standard`` without the search, for smoke runs and budgets.
+
+The metric is each task's own (``Task.metric``: top-1 for images, accuracy or exact match for text); the plans do not
+depend on it.
 """
 
 from __future__ import annotations
@@ -25,29 +31,39 @@ from vpeft.errors import ConfigError
 
 from .suite import Protocol, Suite, TaskRef
 
-PROTOCOLS = ("standard", "literature")
+PROTOCOLS = ("standard", "literature", "quick")
 LABELS = {
-    ("standard", "top1"): "standard: {grid} tuned on {tune} (last epoch), retrained on {final}, last-epoch {eval}",
-    ("literature", "top1"): "literature: the recipe's fixed lr/wd, trained on {final}, last-epoch {eval}",
-    ("literature", "top1_best_epoch"): "literature: fixed lr/wd, trained on {final}, BEST EPOCH ON {eval} "
+    ("standard", False): "standard: {grid} tuned on {tune} (last epoch), retrained on {final}, last-epoch {eval}",
+    ("literature", False): "literature: the recipe's fixed lr/wd, trained on {final}, last-epoch {eval}",
+    ("literature", True): "literature: fixed lr/wd, trained on {final}, BEST EPOCH ON {eval} "
     "(model selection on the test set)",
+    ("quick", False): "quick: the recipe's fixed lr/wd, trained on {final}, {eval} at the end of training",
 }
+REPORTED = {"standard": (False,), "literature": (True, False), "quick": (False,)}  # best_epoch flags per protocol
 
 
-def label(protocol: str, metric: str, spec: Protocol, fixed: Sequence[str] = ()) -> str:
+def label(protocol: str, best_epoch: bool, spec: Protocol, fixed: Sequence[str] = ()) -> str:
     """The sentence printed next to every number a protocol produces (``fixed``: grid keys the user set)."""
     tune = "->".join(spec.tune) if spec.tune else "-"
     grid = "/".join(k.split(".")[-1] for k in spec.grid if k not in fixed) or "nothing"
-    return LABELS[(protocol, metric)].format(grid=grid, tune=tune, final=spec.final[0], eval=spec.final[1])
+    return LABELS[(protocol, best_epoch)].format(grid=grid, tune=tune, final=spec.final[0], eval=spec.final[1])
 
 
 @dataclass(frozen=True)
 class MethodRef:
-    """A method as the harness runs it: ``label`` names the variant (``lora`` or ``lora:r=16``)."""
+    """A method as the harness runs it: ``label`` names the variant (``lora`` or ``lora:r=16``); a suite's baseline
+    runs only on its ``tasks`` (None: every task) and, with ``tune`` false, with the recipe's hyperparameters."""
 
     label: str
     name: str
     overrides: tuple[str, ...] = ()
+    tasks: tuple[str, ...] | None = None
+    tune: bool = True
+    baseline: bool = False
+    seeds: int | None = None  # at most this many of the sweep's seeds (None: all)
+
+    def applies_to(self, task: TaskRef) -> bool:
+        return self.tasks is None or task.name in self.tasks
 
 
 def parse_method(text: str) -> MethodRef:
@@ -57,6 +73,15 @@ def parse_method(text: str) -> MethodRef:
         if "=" not in option:
             raise ConfigError(f"method {text!r}: option {option!r} is not key=value (e.g. lora:r=16)")
     return MethodRef(text.strip(), name, tuple(f"method.{o}" for o in options))
+
+
+def baselines(suite: Suite) -> list[MethodRef]:
+    """The suite's baseline rows as methods: ``frozen_3shot`` is method ``frozen`` with its ``set``, on its tasks."""
+    return [
+        MethodRef(label, spec.method or label, tuple(spec.set), tuple(spec.tasks) if spec.tasks else None, spec.tune,
+                  baseline=True, seeds=spec.seeds)
+        for label, spec in suite.baselines.items()
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,11 +125,12 @@ def _base(suite: Suite, task: TaskRef, method: MethodRef, protocol: str) -> list
     return [
         *suite.set,
         *task.overrides,
-        f"data.root={task.root}",
+        *([f"data.root={task.root}"] if task.root is not None else []),
         f"method.name={method.name}",
         *suite.method_set.get(method.name, []),
+        *task.method_set.get(method.name, []),
         *method.overrides,
-        *suite.protocols[protocol].set,
+        *suite.protocol(protocol).set,
     ]
 
 
@@ -112,22 +138,29 @@ def _split_overrides(train: str, val: str | None, test: str) -> list[str]:
     return [f"data.train_split={train}", f"data.val_split={val if val else 'null'}", f"data.test_split={test}"]
 
 
-def tune_runs(suite: Suite, task: TaskRef, method: MethodRef, seed: int, user_set: Sequence[str] = ()) -> list[RunSpec]:
-    """The grid-search runs of ``standard`` (empty for a protocol without a tune split)."""
-    spec = suite.protocols["standard"]
-    if spec.tune is None:
+def tune_runs(
+    suite: Suite,
+    task: TaskRef,
+    method: MethodRef,
+    seed: int,
+    user_set: Sequence[str] = (),
+    protocol: str = "standard",
+) -> list[RunSpec]:
+    """The grid-search runs of ``protocol`` (none for a protocol without a tune split or a method that is not tuned)."""
+    spec = suite.protocol(protocol)
+    if spec.tune is None or not method.tune:
         return []
     fixed = [item.split("=", 1)[0] for item in user_set]
     runs = []
     for point in grid_points(spec.grid, fixed):
         overrides = [
-            *_base(suite, task, method, "standard"),
+            *_base(suite, task, method, protocol),
             *_split_overrides(spec.tune[0], None, spec.tune[1]),
             *(f"{k}={v}" for k, v in point),
             f"train.seed={seed}",
             *user_set,
         ]
-        runs.append(RunSpec(suite.name, "standard", "tune", task, method, seed, point, tuple(overrides)))
+        runs.append(RunSpec(suite.name, protocol, "tune", task, method, seed, point, tuple(overrides)))
     return runs
 
 
@@ -141,7 +174,7 @@ def final_runs(
     user_set: Sequence[str] = (),
 ) -> list[RunSpec]:
     """The reported runs: one per seed, with the selected grid point (standard) or the recipe (literature)."""
-    spec = suite.protocols[protocol]
+    spec = suite.protocol(protocol)
     train, evaluate = spec.final
     if protocol == "literature":
         splits = [*_split_overrides(train, evaluate, evaluate), f"train.eval_every={spec.eval_every}"]

@@ -14,16 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vpeft.data.fgvc import FGVC
-from vpeft.data.vtab import SUITES
 from vpeft.files import atomic_write
 
 from . import board, plots
-from .protocol import PROTOCOLS, label
+from .board import BEST_EPOCH
+from .protocol import PROTOCOLS, REPORTED, label
 from .suite import ROOT, Suite
 
 PUBLISHED = ROOT / "V-PEFT-Bench" / "published"
-METRICS = {"standard": ("top1",), "literature": ("top1_best_epoch", "top1")}
 MEANS = (
     "Top-1 (%) on the test split, mean ± sample std over seeds. **Mean (groups)** = mean of the Natural, "
     "Specialized and Structured group means (NOAH/VPT/SSF/FacT convention); **Mean (tasks)** = plain mean over the "
@@ -32,10 +30,45 @@ MEANS = (
 )
 
 
+CHECK = (
+    "SE: the binomial standard error of a mean score on the test split, 100 sqrt(p(1-p)/n); the gap's SE is "
+    "sqrt(SE_method^2 + SE_baseline^2). The check passes when the gap exceeds the stated multiple of it; the "
+    "baseline is the best reference row on that task."
+)
+
+
 def suite_tasks(suite: Suite) -> list[tuple[str, str]]:
-    if suite.tasks == "fgvc":
-        return [(name, "fgvc") for name in FGVC]
-    return [(t.name, t.group) for t in SUITES[suite.tasks].values()]
+    return suite.task_table()
+
+
+def checks(records: list[dict[str, Any]], suite: Suite) -> dict[str, list[dict[str, Any]]]:
+    """The suite's check (its method against the best baseline per task) for each protocol with final results."""
+    if suite.check is None:
+        return {}
+    out = {}
+    for protocol in PROTOCOLS:
+        found = board.cells([r for r in records if r["protocol"] == protocol], protocol)
+        if found:
+            table = board.rows(found, suite_tasks(suite))
+            out[protocol] = board.check(table, suite_tasks(suite), suite.check.method, suite.check.sigmas)
+    return out
+
+
+def check_summary(checked: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per protocol and task for a terminal: ``standard wordnet16: lora 73.8 vs linear 68.0, +5.8 = 4.1 SE,
+    pass``."""
+    lines = []
+    for protocol, entries in checked.items():
+        for c in entries:
+            head = f"check {protocol} {c['task']}: {c['method']}"
+            if c["passed"] is None:
+                lines.append(f"{head}: {'no result' if c['cell'] is None else 'no baseline result'}")
+                continue
+            ratio = "no test size" if c["ratio"] is None else f"{c['ratio']:.1f} SE"
+            result = f"{'PASS' if c['passed'] else 'FAIL'} (> {c['sigmas']:g} SE)"
+            lines.append(f"{head} {c['cell'].mean:.2f} vs {c['baseline']} {c['base_cell'].mean:.2f}: "
+                         f"{c['gap']:+.2f} = {ratio}, {result}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _write(path: Path, text: str) -> None:
@@ -47,12 +80,21 @@ def _cost(records: list[dict[str, Any]]) -> str:
     for r in records:
         if r["status"] == "ok":
             by_method[r["method"]].append(r)
-    lines = ["| method | runs | wall s (all runs) | train images/s (mean) | peak memory MB (max) |", "|" + " --- |" * 5]
+    head = ["method", "runs", "wall s (all runs)", "wall s per final run (mean)", "CPU s per final run (mean)",
+            "train items/s (mean)", "peak memory MB (max)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def mean_of(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.0f}" if values else ""
+
     for method, mine in sorted(by_method.items(), key=lambda kv: -sum(r["wall_seconds"] for r in kv[1])):
         wall = sum(r["wall_seconds"] for r in mine)
+        final = [r for r in mine if r["phase"] == "final"]
+        per_final = mean_of([r["wall_seconds"] for r in final])
+        cpu = mean_of([r["cpu_seconds"] for r in final if r.get("cpu_seconds") is not None])
         speed = statistics.fmean(r["images_per_second"] for r in mine)
         peak = max(r["peak_memory_mb"] for r in mine)
-        lines.append(f"| `{method}` | {len(mine)} | {wall:.0f} | {speed:.0f} | {peak:.0f} |")
+        lines.append(f"| `{method}` | {len(mine)} | {wall:.0f} | {per_final} | {cpu} | {speed:.0f} | {peak:.0f} |")
     total = sum(r["wall_seconds"] for rs in by_method.values() for r in rs)
     return "\n".join(lines) + f"\n\nTotal wall time of the recorded runs: {total:.0f} s ({total / 60:.1f} min).\n"
 
@@ -77,18 +119,21 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
     known = {t for t, _ in tasks}
     others = sorted({(r["task"], r["group"]) for r in records if r["task"] not in known})
     written = []
-    parts = [f"# {suite.name} leaderboard", "", f"Regenerate: `{command}`" if command else "", "", MEANS, ""]
+    regenerate = f"Regenerate: `{command}`" if command else ""
+    parts = [f"# {suite.name} leaderboard", "", regenerate, "", suite.caption or MEANS, ""]
+    checked = checks(records, suite)
     for protocol in PROTOCOLS:
         mine = [r for r in records if r["protocol"] == protocol]
         if not any(r["phase"] == "final" and r["status"] == "ok" for r in mine):
             continue
-        spec = suite.protocols[protocol]
-        for metric in METRICS[protocol]:
-            caption = f"Protocol **{label(protocol, metric, spec)}**."
+        spec = suite.protocol(protocol)
+        for best_epoch in REPORTED[protocol]:
+            metric = suite.metric() + (BEST_EPOCH if best_epoch else "")
+            caption = f"Protocol **{label(protocol, best_epoch, spec)}**."
             for table_tasks, title in ((tasks, suite.name), (others, "other tasks")):
                 if not table_tasks:
                     continue
-                table = board.rows(board.cells(mine, protocol, metric), table_tasks)
+                table = board.rows(board.cells(mine, protocol, best_epoch), table_tasks)
                 if not table:
                     continue
                 parts.append(board.markdown(table, table_tasks, f"{title}: {protocol}, {metric}", caption))
@@ -97,17 +142,22 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
                     csv_path = out / f"leaderboard_{stem}.csv"
                     _write(csv_path, board.to_csv(table, tasks, protocol, metric))
                     written.append(csv_path)
-                    plot_title = f"{suite.name}, {label(protocol, metric, spec)}"
+                    plot_title = f"{suite.name}, {label(protocol, best_epoch, spec)}"
+                    axis = suite.metric_label()
                     for made in (
-                        plots.accuracy_vs_params(table, out / f"accuracy_vs_params_{stem}.png", plot_title),
-                        plots.heatmap(table, tasks, out / f"heatmap_{stem}.png", plot_title),
+                        plots.accuracy_vs_params(table, out / f"accuracy_vs_params_{stem}.png", plot_title, axis),
+                        plots.heatmap(table, tasks, out / f"heatmap_{stem}.png", plot_title, axis),
                     ):
                         if made:
                             written.append(made)
                             parts.append(f"![{made.stem}]({made.name})\n")
-    published = PUBLISHED / f"{suite.tasks}.csv"
-    if published.is_file():
-        ours = board.rows(board.cells(records, "literature", "top1_best_epoch"), tasks)
+        if protocol in checked:
+            sigmas = suite.check.sigmas
+            parts += [f"### Check ({protocol}): `{suite.check.method}` beats the best baseline by more than {sigmas:g} "
+                      "standard errors", "", CHECK, "", board.check_markdown(checked[protocol])]  # fmt: skip
+    published = PUBLISHED / f"{suite.tasks}.csv" if isinstance(suite.tasks, str) else None
+    if published is not None and published.is_file():
+        ours = board.rows(board.cells(records, "literature", best_epoch=True), tasks)
         note = (
             "## Published numbers (ViT-B/16 ImageNet-21k)\n\nEach row was produced under its paper's own protocol, "
             "mostly the best epoch on the test set; compare them with our `literature` best-epoch numbers, never "

@@ -30,6 +30,7 @@ from vpeft.engine.system import environment
 from vpeft.engine.train import train
 from vpeft.files import atomic_write
 
+from .board import BEST_EPOCH, metric_key, score
 from .protocol import RunSpec
 
 log = logging.getLogger("vpeft.bench")
@@ -41,8 +42,12 @@ REQUIRED = (
     "hparams", "train_split", "eval_split", "overrides", "config", "git_commit", "versions", "finished_at",
 )  # fmt: skip
 OK_NUMBERS = (
-    "top1", "trainable_params", "trainable_params_with_head", "peak_memory_mb", "images_per_second", "wall_seconds",
+    "trainable_params", "trainable_params_with_head", "peak_memory_mb", "images_per_second", "wall_seconds",
 )  # fmt: skip
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_result(record: dict[str, Any]) -> list[str]:
@@ -53,11 +58,13 @@ def check_result(record: dict[str, Any]) -> list[str]:
     if record.get("status") not in ("ok", "failed"):
         problems.append(f"status is {record.get('status')!r}, expected 'ok' or 'failed'")
     if record.get("status") == "ok":
-        for key in OK_NUMBERS:
-            if not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool):
+        for key in (metric_key(record), *OK_NUMBERS):
+            if not _is_number(record.get(key)):
                 problems.append(f"{key} is {record.get(key)!r}, expected a number")
-        if record.get("protocol") == "literature" and not isinstance(record.get("top1_best_epoch"), (int, float)):
-            problems.append("literature record without top1_best_epoch")
+        if record.get("protocol") == "literature" and not _is_number(score(record, best_epoch=True)):
+            problems.append(f"literature record without {metric_key(record, best_epoch=True)}")
+        if record.get("test_size") is not None and not (_is_number(record["test_size"]) and record["test_size"] > 0):
+            problems.append(f"test_size is {record['test_size']!r}, expected a positive count")
     elif not record.get("error"):
         problems.append("failed record without error")
     return problems
@@ -83,6 +90,7 @@ def _record(spec: RunSpec, recipe: Path, config: dict[str, Any] | None) -> dict[
         "group": spec.task.group,
         "method": spec.method.label,
         "method_name": spec.method.name,
+        "baseline": spec.method.baseline,
         "options": {k: v for k, v in (config or {}).get("method", {}).items() if k != "name"},
         "seed": spec.seed,
         "hparams": dict(spec.point),
@@ -100,8 +108,12 @@ def _record(spec: RunSpec, recipe: Path, config: dict[str, Any] | None) -> dict[
 
 
 def _metrics_from(summary: dict[str, Any], protocol: str) -> dict[str, Any]:
+    metric = summary.get("metric", "top1")
     numbers = {
-        "top1": summary["test"]["top1"],
+        "metric": metric,
+        metric: summary["test"][metric],
+        "test_metrics": summary["test"],  # every number the task reports (macro-F1, answer perplexity, loss...)
+        "test_size": summary.get("test_size"),  # items on the eval split: the binomial standard error's n
         "trainable_params": summary["trainable_params"],
         "trainable_params_with_head": summary["trainable_params_with_head"],
         "peak_memory_mb": summary["peak_memory_mb"],
@@ -111,7 +123,7 @@ def _metrics_from(summary: dict[str, Any], protocol: str) -> dict[str, Any]:
     }
     if protocol == "literature":  # the engine's "val" split is the test split here: best-over-epochs on test
         best = summary.get("best_val") or {}
-        numbers["top1_best_epoch"] = max(best.get("top1", float("-inf")), summary["test"]["top1"])
+        numbers[metric + BEST_EPOCH] = max(best.get(metric, float("-inf")), summary["test"][metric])
         numbers["best_epoch"] = best.get("epoch")
     return numbers
 

@@ -207,6 +207,7 @@ def train(
         metrics.close()
     summary = {
         "test": test,
+        "test_size": len(datasets["test"]),  # the n of a score's binomial standard error
         "best_val": counters["best"],
         "method": cfg.method.name,
         "model": cfg.model.name,
