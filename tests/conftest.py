@@ -12,6 +12,15 @@ import torch
 from vpeft.data.system import system_data
 
 
+def perturb(model: torch.nn.Module) -> None:
+    """Move every trainable tensor off its initial value, so that save, merge and disable see a real update."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
 def tiny_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
     """A random-weight timm ViT: 2 blocks, width 64, 4x4 grid of 8-pixel patches plus a class token."""
     torch.manual_seed(0)

@@ -13,21 +13,12 @@ import torch
 import vpeft
 from vpeft.methods import METHODS, TEXT_TOWER_METHODS
 
-from .conftest import tiny_vit
+from .conftest import perturb, tiny_vit
 
 ALL = sorted(set(METHODS) - set(TEXT_TOWER_METHODS))  # those have their contract on a tiny CLIP (tests/clip/)
 # `frozen` (the zero- and few-shot reference point) trains nothing by design: the tests that train, perturb or
 # differentiate its tensors have none to work on, and test_frozen_trains_nothing_and_changes_nothing checks it instead.
 TRAINED = [m for m in ALL if m != "frozen"]
-
-
-def perturb(model: torch.nn.Module) -> None:
-    """Move every trainable tensor away from its initial value, so merge and save are tested on a real update."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 # Options that scale a method's defaults (set for ViT-B/16) down to the tiny test model. SPT: a budget that gives

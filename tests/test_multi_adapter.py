@@ -8,8 +8,7 @@ import torch
 
 import vpeft
 
-from .conftest import tiny_vit
-from .test_contract import perturb
+from .conftest import perturb, tiny_vit
 
 
 def two_task_model() -> tuple[torch.nn.Module, torch.nn.Module]:

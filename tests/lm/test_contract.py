@@ -18,6 +18,7 @@ from vpeft.core import adapter_names
 from vpeft.errors import UserError
 from vpeft.methods import METHODS
 
+from ..conftest import perturb
 from .models import TINY_LMS, batches, task_loss
 
 # Options that fit a method's defaults (set for ViT-B/16, 768 wide) to 32-wide models. FacT-TK's r=32 is the full
@@ -85,15 +86,6 @@ def adapted(method: str, lm: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def perturb(model: torch.nn.Module) -> None:
-    """Move every trainable tensor off its initial value, so that save, merge and disable see a real update."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], list[tuple[str, type]]]:

@@ -47,12 +47,7 @@ class ClassificationTask(Task):
             data_config = backbone.data_config
         else:
             data_config = self.data_config()
-        datasets = {}
-        splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
-        for role, split in splits.items():
-            if split is not None:
-                transform = build_transform(data_config, cfg.data.augment, train=role == "train")
-                datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
+        datasets = image_datasets(cfg, data_config)
         num_classes = cfg.model.num_classes or datasets["train"].num_classes
         source = f"model.num_classes {num_classes}" if cfg.model.num_classes else "the training split's classes"
         check_image_datasets(datasets, num_classes, source)  # before the model is built: every bad item at once
@@ -100,6 +95,23 @@ class ClassificationTask(Task):
         if total == 0:
             raise DataError("evaluation split is empty")
         return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+
+def image_datasets(cfg: Any, data_config: dict[str, Any]) -> dict[str, Dataset]:
+    """The configured image splits by role (train, val, test; a split set to null is left out), each with the
+    backbone's preprocessing and, for training, the configured augmentation."""
+    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+    return {
+        role: build_dataset(
+            cfg.data.name,
+            cfg.data.root,
+            split,
+            build_transform(data_config, cfg.data.augment, train=role == "train"),
+            **cfg.data.options,
+        )
+        for role, split in splits.items()
+        if split is not None
+    }
 
 
 def build_model(

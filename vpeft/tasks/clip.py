@@ -35,10 +35,9 @@ from torch.utils.data import Dataset
 
 from ..backbones import load_pretrained
 from ..backbones.open_clip import build_clip_model, clip_data_config, clip_tokenizer
-from ..data import build_dataset, build_transform
 from ..data.check import check_image_datasets
 from ..errors import ConfigError
-from .classification import ClassificationTask
+from .classification import ClassificationTask, image_datasets
 
 ADAPT = ("image", "text", "both")
 # the tower a method must not touch, as a full-match pattern of the core's `exclude` option
@@ -151,12 +150,7 @@ class ClipClassificationTask(ClassificationTask):
             )
         clip = build_clip_model(name)
         data_config = clip_data_config(name)
-        datasets = {}
-        splits = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
-        for role, split in splits.items():
-            if split is not None:
-                transform = build_transform(data_config, cfg.data.augment, train=role == "train")
-                datasets[role] = build_dataset(cfg.data.name, cfg.data.root, split, transform, **cfg.data.options)
+        datasets = image_datasets(cfg, data_config)
         classes = [str(c) for c in datasets["test"].classes]
         for role, dataset in datasets.items():
             if [str(c) for c in dataset.classes] != classes:
