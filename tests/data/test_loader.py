@@ -75,3 +75,29 @@ def test_worker_randomness_is_reproducible_per_epoch() -> None:
     first = draws(1)
     assert torch.equal(first, draws(1))
     assert not torch.equal(first, draws(2))
+
+
+def test_group_by_length_sorts_each_group_of_the_same_permutation() -> None:
+    lengths = [int(v) for v in torch.randint(1, 400, (203,), generator=torch.Generator().manual_seed(5))]
+    data = TensorDataset(torch.arange(203))
+    for epoch in (0, 1):
+        plain = list(EpochSampler(data, seed=3, epoch=epoch))
+        grouped = list(EpochSampler(data, seed=3, epoch=epoch, lengths=lengths, group=40))
+        assert sorted(grouped) == list(range(203))  # every item once
+        for start in range(0, 203, 40):  # the same items per group as the plain permutation, longest first
+            assert sorted(grouped[start : start + 40]) == sorted(plain[start : start + 40])
+            group = [lengths[i] for i in grouped[start : start + 40]]
+            assert group == sorted(group, reverse=True)
+    assert list(EpochSampler(data, seed=3, lengths=lengths, group=40)) != list(
+        EpochSampler(data, seed=3, epoch=1, lengths=lengths, group=40)
+    )
+
+    # padded tokens of batches of 8 (each padded to its longest item): far fewer grouped than plain
+    def padded(order: list[int]) -> int:
+        return sum(8 * max(lengths[i] for i in order[b : b + 8]) for b in range(0, len(order), 8))
+
+    plain_loader = build_loader(data, 8, train=True, seed=3)
+    grouped_loader = build_loader(data, 8, train=True, seed=3, lengths=lengths)
+    assert padded(list(grouped_loader.sampler)) < 0.6 * padded(list(plain_loader.sampler))
+    with pytest.raises(ValueError, match="lengths has 3 entries"):
+        EpochSampler(data, lengths=[1, 2, 3])

@@ -22,6 +22,7 @@ from vpeft.engine import train as engine
 from vpeft.engine.checkpoint import CHECKPOINT
 from vpeft.engine.config import config_diff, load_config
 from vpeft.engine.optim import cosine_with_warmup, param_groups
+from vpeft.errors import ConfigError
 from vpeft.tasks.classification import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -374,3 +375,8 @@ def test_a_run_that_fails_to_build_leaves_its_directory_empty(tmp_path):
     with pytest.raises(FileNotFoundError):
         engine.train(bad, tmp_path / "run")
     assert list((tmp_path / "run").iterdir()) == []  # so the corrected command runs in it without --resume
+
+
+def test_group_by_length_needs_data_that_knows_its_lengths(tmp_path):
+    with pytest.raises(ConfigError, match="data.group_by_length is true.*does not know its items' lengths"):
+        engine.train(config(tmp_path, "data.group_by_length=true"), tmp_path / "run")

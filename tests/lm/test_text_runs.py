@@ -216,3 +216,25 @@ def test_smollm2_with_lora_generates_the_same_tokens_unmerged_and_merged():
     merged = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(unmerged, merged)
     assert not torch.equal(unmerged, base)  # the adapter does change the answer
+
+
+def test_evaluation_splits_sorted_by_length_and_training_grouped_by_length(tmp_path, one_thread):
+    colours = ["red", "green", "blue"]
+
+    def rows(n: int, offset: int) -> list[dict]:  # texts of 2 to 6 words
+        return [{"text": " ".join(["the"] * (1 + (7 * i + offset) % 5) + [colours[i % 3]]), "label": colours[i % 3]}
+                for i in range(n)]  # fmt: skip
+
+    splits = {"train": rows(12, 0), "val": rows(6, 1), "test": rows(9, 2)}
+    data = write_jsonl(tmp_path / "d", splits)
+    cfg = classification_config(tmp_path, f"hf:{bert_folder(tmp_path / 'bert')}", data, "data.group_by_length=true")
+    task, _, datasets = built(cfg)
+    for role in ("val", "test"):  # evaluation order is free (sums): shortest first, the same items
+        lengths = datasets[role].lengths
+        assert lengths == sorted(lengths) and len(set(lengths)) > 1
+        assert sorted(e.text for e in datasets[role].examples) == sorted(r["text"] for r in splits[role])
+    train = datasets["train"]
+    assert [e.text for e in train.examples] == [r["text"] for r in splits["train"]]  # training keeps the file order
+    assert train.lengths == [len(task.tokenizer(e.text)["input_ids"]) for e in train.examples]
+    summary = engine.train(cfg, tmp_path / "run")
+    assert math.isfinite(summary["test"]["loss"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 
 import numpy as np
 import torch
@@ -38,6 +38,10 @@ class EpochSampler(Sampler[int]):
         num_replicas: Number of processes sharing the data (DDP world size).
         rank: This process's index in ``[0, num_replicas)``.
         drop_last: Drop the tail instead of padding when the length does not divide by ``num_replicas``.
+        lengths: Each item's length (tokens). With ``shuffle`` the permutation is cut into groups of ``group`` items
+            and each group is ordered longest first, so a batch holds items of similar length and pads little (the
+            ``transformers`` Trainer's ``group_by_length``); the order still depends only on ``(seed, epoch)``.
+        group: Items per length-sorted group (:func:`build_loader`: 50 global batches).
     """
 
     def __init__(
@@ -49,12 +53,17 @@ class EpochSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        group: int = 1,
     ) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas=}, {rank=}")
         self.length = len(data_source)
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        if lengths is not None and len(lengths) != self.length:
+            raise ValueError(f"lengths has {len(lengths)} entries for a dataset of {self.length} items")
+        self.lengths, self.group = lengths, max(1, group)
         if drop_last:
             self.num_samples = self.length // num_replicas
         else:
@@ -71,6 +80,10 @@ class EpochSampler(Sampler[int]):
         if self.shuffle:
             generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
             indices = torch.randperm(self.length, generator=generator).tolist()
+            if self.lengths is not None:
+                span, lengths = self.group, self.lengths
+                cuts = range(0, len(indices), span)
+                indices = [i for c in cuts for i in sorted(indices[c : c + span], key=lambda i: -lengths[i])]
         else:
             indices = list(range(self.length))
         total = self.num_samples * self.num_replicas
@@ -105,6 +118,7 @@ def build_loader(
     rank: int = 0,
     pin_memory: bool = False,
     collate_fn: Callable | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> DataLoader:
     """Build a ``DataLoader`` over an :class:`EpochSampler`: shuffled by ``(seed, epoch)`` when ``train``.
 
@@ -120,11 +134,15 @@ def build_loader(
         rank: DDP rank.
         pin_memory: Passed to ``DataLoader``.
         collate_fn: Passed to ``DataLoader`` (``None``: torch's default collate).
+        lengths: Items' lengths: training batches are grouped by length (see :class:`EpochSampler`), 50 global
+            batches at a time.
 
     Returns:
         The loader; ``loader.sampler`` is the :class:`EpochSampler`.
     """
-    sampler = EpochSampler(dataset, shuffle=train, seed=seed, epoch=epoch, num_replicas=num_replicas, rank=rank)
+    sampler = EpochSampler(
+        dataset, train, seed, epoch, num_replicas, rank, lengths=lengths, group=50 * batch_size * num_replicas
+    )
     generator = torch.Generator().manual_seed(_epoch_seed(seed + 1, epoch))
     return DataLoader(
         dataset,

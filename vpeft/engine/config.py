@@ -112,6 +112,7 @@ class DataConfig(_Section):
     augment: Literal["none", "fgvc", "randaugment"] = "none"
     img_size: int | None = Field(None, ge=1)
     calibration_batches: int = Field(0, ge=0)
+    group_by_length: bool = False  # training batches of items of similar length (text tasks): far less padding
     options: dict[str, Any] = {}
 
 

@@ -326,6 +326,14 @@ def _loader(
         dataset = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
         world, rank = 1, 0
     batch = cfg.data.batch_size if train else cfg.data.eval_batch_size or cfg.data.batch_size
+    lengths = None
+    if train and cfg.data.group_by_length:
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise ConfigError(
+                f"data.group_by_length is true, but the {cfg.task} task's training data does not know its items' "
+                "lengths (the text tasks do); set it to false."
+            )
     return build_loader(
         dataset,
         batch,
@@ -336,6 +344,7 @@ def _loader(
         num_replicas=world,
         rank=rank,
         collate_fn=task.collate,
+        lengths=lengths,
     )
 
 

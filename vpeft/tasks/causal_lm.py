@@ -52,6 +52,7 @@ class PromptDataset(Dataset):
         self.examples, self.prompt, self.demos, self.shots, self.seed = examples, prompt, demos, shots, seed
         self.role = ROLES.index(role)
         self.classes = None
+        self.lengths: list[int] | None = None  # token counts of prompt and answer, set by the task
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -96,6 +97,8 @@ class CausalLMTask(Task):
                     for role, items in examples.items()}  # fmt: skip
         lengths = {role: [sum(map(len, self.encode(*item))) for item in ds] for role, ds in datasets.items()}
         too_long(lengths, self.max_length, "prompts with their answer")
+        for role, dataset in datasets.items():
+            dataset.lengths = lengths[role]  # data.group_by_length groups training batches by them
         longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                       for items in examples.values() for e in items for a in e.answers)  # fmt: skip
         self.max_new_tokens = options["max_new_tokens"] or longest + 2  # room for the end token and a merge

@@ -32,8 +32,9 @@ from .base import Reduce, Task
 class TextDataset(Dataset):
     """A list of :class:`~vpeft.data.text.TextExample` and the class names (``classes.json``)."""
 
-    def __init__(self, examples: list[TextExample], classes: list[str] | None = None):
+    def __init__(self, examples: list[TextExample], classes: list[str] | None = None, lengths: list[int] | None = None):
         self.examples, self.classes = examples, classes
+        self.lengths = lengths  # token counts: data.group_by_length groups training batches by them
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -107,7 +108,8 @@ class TextClassificationTask(Task):
         self.tokenizer.padding_side = "right"
         self.max_length = check_max_length(options["max_length"], model)
         encoded = {role: self.tokenizer([e.text for e in items])["input_ids"] for role, items in examples.items()}
-        too_long({role: [len(ids) for ids in seqs] for role, seqs in encoded.items()}, self.max_length, "texts")
+        lengths = {role: [len(ids) for ids in seqs] for role, seqs in encoded.items()}
+        too_long(lengths, self.max_length, "texts")
         num_classes = self.num_classes = cfg.model.num_classes or len(classes)
         bad = [(role, i) for role, items in examples.items() for i, e in enumerate(items) if e.label >= num_classes]
         if bad:
@@ -115,7 +117,11 @@ class TextClassificationTask(Task):
                             f"({classes}); e.g. (split, item) {bad[:5]}.")  # fmt: skip
         backbone = HFBackbone(model.base_model if decoder else model)
         classifier = TextClassifier(backbone, num_classes, pool or ("last" if decoder else "mean"))
-        return classifier, {role: TextDataset(items, classes) for role, items in examples.items()}
+        datasets = {}  # evaluation sums do not depend on the order: sorted by length, its batches pad little
+        for role, items in examples.items():
+            order = range(len(items)) if role == "train" else sorted(range(len(items)), key=lengths[role].__getitem__)
+            datasets[role] = TextDataset([items[i] for i in order], classes, [lengths[role][i] for i in order])
+        return classifier, datasets
 
     def collate(self, items: list[TextExample]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer([e.text for e in items], padding=True, return_tensors="pt")
