@@ -242,7 +242,7 @@ def test_import_names_a_corrupt_config_file(tmp_path, vit):
     _, model = adapted("lora")
     vpeft.export_hf_peft(model, tmp_path / "hf")
     (tmp_path / "hf" / "adapter_config.json").write_text('{"peft_type": "LORA", ')  # cut off mid-write
-    with pytest.raises(DataError, match=r"adapter_config.json is not valid JSON"):
+    with pytest.raises(DataError, match=r"adapter_config.json does not hold a JSON object"):
         vpeft.import_hf_peft(vit, tmp_path / "hf")
     assert state_of(vit, required=False) is None
 

@@ -209,10 +209,7 @@ def _export_module(adapted: AdaptedModule, use_dora: bool) -> tuple[dict[str, Te
             "Hugging Face PEFT's conv LoRA has no dilation; dilation 1, groups 1 export."
         )
     if not (conv or isinstance(base, nn.Linear) or is_conv1d(base)):
-        raise ConfigError(
-            f"cannot export LoRA on {type(base).__name__} {path!r}: exportable targets are nn.Linear, "
-            "HF Conv1D and nn.Conv2d."
-        )
+        raise ConfigError(f"cannot export LoRA on {type(base).__name__} {path!r}: export takes Linear, Conv1D, Conv2d")
     parts = adapted.parts
     unknown = [p for p in parts if p not in PART_ORDER]
     if unknown:
@@ -353,9 +350,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err}); re-export the adapter.") from None
+        value = err
     if not isinstance(value, dict):
-        raise DataError(f"{path} must hold a JSON object, got {type(value).__name__}; re-export the adapter.")
+        raise DataError(f"{path} does not hold a JSON object ({value}); re-export the adapter.")
     return value
 
 
