@@ -359,3 +359,13 @@ def test_nan_loss_is_the_users_to_fix_not_a_bug(tmp_path, capsys, monkeypatch):
     code, err = run(train_tool.main, [config, "--work-dir", tmp_path / "run"], capsys)
     text = assert_user_error(code, err, "loss is nan at step 0 (epoch 1)", "No epoch had finished", "optim.lr")
     assert "checkpoint" not in text and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("argument", ["--steps=-3", "--steps=many", "--lr=-1", "--warmup=-1", "--batch=0"])
+def test_pretrain_clip_refuses_a_bad_number_before_any_work(argument, tmp_path, capsys):
+    from tools import pretrain_clip
+
+    with pytest.raises(SystemExit) as done:
+        pretrain_clip.main(["--out", str(tmp_path / "clip.safetensors"), argument])
+    assert done.value.code == 2 and "expected" in capsys.readouterr().err
+    assert not (tmp_path / "clip.safetensors").exists()

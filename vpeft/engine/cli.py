@@ -11,6 +11,7 @@ exception is a bug in vpeft: its traceback is kept, followed by one line saying 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -40,3 +41,20 @@ def run(main: Callable[..., int | None], argv: Sequence[str] | None = None) -> i
         print(BUG_NOTE, file=sys.stderr, flush=True)
         return BUG
     return int(status or 0)
+
+
+
+def at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) of at least ``low`` (a step count, a learning rate)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value < float("inf"):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} of at least {low}, got {text!r}")
+        return value
+
+    return parse
