@@ -13,6 +13,7 @@ import torch
 
 from vpeft.engine import train as engine
 from vpeft.engine.config import load_config
+from vpeft.errors import ConfigError
 from vpeft.heads.text import pool_tokens
 from vpeft.tasks import build_task
 from vpeft.tasks.text_classification import macro_f1
@@ -177,19 +178,26 @@ def test_loss_is_the_mean_cross_entropy_over_answer_tokens(tmp_path, llama_dir, 
     assert task.loss(model, batch).item() == pytest.approx(nll / count, rel=1e-5)
 
 
-def test_exact_match_and_answer_ppl_by_hand(tmp_path, llama_dir):
-    """Answers are set to what the model itself generates for half the items (upper-cased), so the batched,
-    left-padded generation must reproduce the one-item-at-a-time greedy replies for exact match to be 50%."""
+def greedy_replies(folder: Path, prompts: list[str], new_tokens: int = 3) -> list[str]:
+    """Each prompt's greedy reply in the chat template, one unpadded item at a time."""
     tok = word_tokenizer()
-    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    prompts = [f"what is the base of {w}" for w in ("geese", "oxen the", "mice", "the the went")]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     replies = []
     for prompt in prompts:
         turn = [{"role": "user", "content": prompt}]
         text = tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, eos_token_id=[2, 5], pad_token_id=0)
+        out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[2, 5],
+                             pad_token_id=0)  # fmt: skip
         replies.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return replies
+
+
+def test_exact_match_and_answer_ppl_by_hand(tmp_path, llama_dir):
+    """Answers are set to what the model itself generates for half the items (upper-cased), so the batched,
+    left-padded generation must reproduce the one-item-at-a-time greedy replies for exact match to be 50%."""
+    prompts = [f"what is the base of {w}" for w in ("geese", "oxen the", "mice", "the the went")]
+    replies = greedy_replies(llama_dir, prompts)
     assert all(replies)
     answers = [replies[0].upper(), "sky", [replies[2], "fish"], "grass sea"]  # items 0 and 2 match
     rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
@@ -206,6 +214,38 @@ def test_exact_match_and_answer_ppl_by_hand(tmp_path, llama_dir):
     assert metrics["exact_match"] == 50.0
     assert metrics["loss"] == pytest.approx(nll / count, rel=1e-5)
     assert metrics["answer_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_answer_pattern_scores_the_last_match_of_each_reply(tmp_path, llama_dir):
+    """With ``answer_pattern`` a reply counts when its last match equals an answer: here the replies' last words
+    (found by str.split, not by the task's regular expression) are the answers of two items in four."""
+    prompts = [f"what is the base of {w}" for w in ("geese", "oxen the", "mice", "the the went")]
+    replies = greedy_replies(llama_dir, prompts, new_tokens=4)
+    last_words = [r.split()[-1] for r in replies]
+    assert any(len(r.split()) > 1 for r in replies[:2])  # a whole-reply comparison would miss those
+    answers = [last_words[0], last_words[1], "sky", "grass"]
+    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+    data = write_jsonl(tmp_path / "em", {"train": rows, "val": rows, "test": rows})
+    expected = 100.0 * sum(w == a for w, a in zip(last_words, answers, strict=True)) / 4
+    scores = {}
+    for pattern in (r"[a-z]+", r"(\w+)\W*$", None):
+        cfg = causal_config(tmp_path, llama_dir, data, "data.eval_batch_size=4", "data.options.max_new_tokens=4",
+                            f"data.options.answer_pattern={json.dumps(pattern)}")  # fmt: skip
+        task, model, datasets = built(cfg)
+        loader = engine._loader(task.cfg, task, datasets["test"], False)
+        scores[pattern] = task.evaluate(model, loader, torch.device("cpu"))["exact_match"]
+    whole = 100.0 * sum(r.strip() == a for r, a in zip(replies, answers, strict=True)) / 4
+    assert scores == {r"[a-z]+": expected, r"(\w+)\W*$": expected, None: whole} and expected == 50.0 > whole
+
+
+@pytest.mark.parametrize(("key", "value", "phrase"), [
+    ("answer_pattern", "'(unclosed'", "answer_pattern must be a regular expression"),
+    ("answer_pattern", "''", "answer_pattern must be a regular expression"),
+    ("max_new_tokens", "-1", "max_new_tokens must be a positive integer"),
+])  # fmt: skip
+def test_bad_scoring_options_are_refused(tmp_path, llama_dir, lemma_data, key, value, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        built(causal_config(tmp_path, llama_dir, lemma_data, f"data.options.{key}={value}"))
 
 
 def test_k_shot_demonstrations_come_from_train_fixed_per_item(tmp_path, llama_dir, lemma_data):

@@ -13,13 +13,16 @@ puts k demonstrations (prompt and first answer of training items, drawn with ``t
 before the prompt: the in-context baselines (method ``frozen``).
 
 Training labels are -100 on the prompt and the padding: the loss is the mean cross-entropy over answer tokens.
-Evaluation: ``exact_match`` (percent; greedy ``generate()`` from the left-padded prompt, compared after strip and
-lower-casing with each accepted answer of the item), ``answer_ppl`` (exp of the mean NLL over the answer tokens of
-the first answer, sums over processes) and ``loss`` (that mean NLL).
+Evaluation: ``exact_match`` (percent; greedy ``generate()`` from the left-padded prompt, at most
+``data.options.max_new_tokens`` tokens; the reply, or with ``data.options.answer_pattern`` (a regular expression) its
+last match, the group where it has one, is compared after strip and lower-casing with each accepted answer of the
+item), ``answer_ppl`` (exp of the mean NLL over the answer tokens of the first answer, sums over processes) and
+``loss`` (that mean NLL).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -34,12 +37,20 @@ from ..errors import ConfigError, DataError
 from .base import Reduce, Task
 from .text_classification import check_max_length, data_splits, text_options, too_long
 
-PROMPTS = {  # data.options.prompt by data name; {text} is the item's text
-    "wordnet_lemmas": 'What is the base form (the dictionary headword) of the English word "{text}"? Answer with '
-                      "the base form only.",
-    "jsonl": "{text}",
+# Defaults of data.options by data name. The lemma prompt is an instruction; a chat model often answers it with a
+# sentence ('The base form of "geese" is "goose".'), so its reply is scored by its last word (a trained or few-shot
+# model replies with the word alone), as lm-evaluation-harness's flexible extraction takes a reply's last number, and
+# it gets room for that sentence.
+DATA_DEFAULTS = {
+    "wordnet_lemmas": {
+        "prompt": 'What is the base form (the dictionary headword) of the English word "{text}"? Answer with the base '
+                  "form only.",
+        "answer_pattern": r"[A-Za-z][A-Za-z'-]*",
+        "max_new_tokens": 24,
+    },
 }  # fmt: skip
-TASK_OPTIONS = {"max_length": None, "chat_template": "auto", "shots": 0, "prompt": None, "max_new_tokens": None}
+TASK_OPTIONS = {"max_length": None, "chat_template": "auto", "shots": 0, "prompt": "{text}", "max_new_tokens": None,
+                "answer_pattern": None}  # fmt: skip
 ROLES = ("train", "val", "test")
 
 
@@ -78,7 +89,7 @@ class CausalLMTask(Task):
         cfg = self.cfg
         if cfg.model.head:
             raise ConfigError("model.head: a causal_lm model answers with its own LM head; remove model.head.")
-        options, reader_options = text_options(cfg, TASK_OPTIONS)
+        options, reader_options = text_options(cfg, {**TASK_OPTIONS, **DATA_DEFAULTS.get(cfg.data.name, {})})
         examples, _ = data_splits(cfg, "answer", reader_options)
         model, self.tokenizer, decoder = load_language_model(cfg.model.name)
         if not decoder:
@@ -90,7 +101,7 @@ class CausalLMTask(Task):
         if not isinstance(shots, int) or isinstance(shots, bool) or not 0 <= shots < len(examples["train"]):
             raise ConfigError(f"data.options.shots must be an integer from 0 to the training items' count - 1, "
                               f"got {shots!r}.")  # fmt: skip
-        prompt = options["prompt"] or PROMPTS.get(cfg.data.name, "{text}")
+        prompt = options["prompt"]
         if not isinstance(prompt, str) or "{text}" not in prompt:
             raise ConfigError(f"data.options.prompt must be a string holding {{text}}, got {prompt!r}.")
         datasets = {role: PromptDataset(items, prompt, examples["train"], shots, cfg.train.seed, role)
@@ -102,6 +113,9 @@ class CausalLMTask(Task):
         longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                       for items in examples.values() for e in items for a in e.answers)  # fmt: skip
         self.max_new_tokens = options["max_new_tokens"] or longest + 2  # room for the end token and a merge
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise ConfigError(f"data.options.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
+        self.answer_pattern = compile_pattern(options["answer_pattern"])
         return model, datasets
 
     def use_chat_template(self, choice: Any) -> bool:
@@ -177,8 +191,19 @@ class CausalLMTask(Task):
         nll, count = self.answer_nll(model, batch)
         replies = self.generate(model, batch["prompt_ids"], batch["prompt_mask"], batch["end_ids"])
         pairs = zip(replies, batch["answers"], strict=True)
-        hits = sum(normalise(reply) in {normalise(a) for a in answers} for reply, answers in pairs)
+        hits = sum(self.extract(reply) in {normalise(a) for a in answers} for reply, answers in pairs)
         state += torch.tensor([nll.item(), count.item(), hits, len(replies)], dtype=torch.float64)
+
+    def extract(self, reply: str) -> str:
+        """The answer a reply gives: the reply itself, or the last match of ``answer_pattern`` (its first group where
+        it has one; no match gives no answer), normalised."""
+        if self.answer_pattern is None:
+            return normalise(reply)
+        matches = list(self.answer_pattern.finditer(reply))
+        if not matches:
+            return ""
+        last = matches[-1]
+        return normalise(last.group(1) if self.answer_pattern.groups else last.group(0))
 
     def generate(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, end_ids: list[int]) -> list[str]:
         """Greedy replies to left-padded prompts, decoded without special tokens."""
@@ -192,6 +217,19 @@ class CausalLMTask(Task):
             raise DataError("evaluation split is empty")
         loss = nll / max(tokens, 1)
         return {"loss": loss, "exact_match": 100.0 * hits / total, "answer_ppl": float(np.exp(loss))}
+
+
+def compile_pattern(pattern: Any) -> re.Pattern | None:
+    """``data.options.answer_pattern`` compiled; ``None`` scores the whole reply."""
+    if pattern is None:
+        return None
+    problem = "it is not a non-empty string"
+    if isinstance(pattern, str) and pattern:
+        try:
+            return re.compile(pattern)
+        except re.error as err:
+            problem = str(err)
+    raise ConfigError(f"data.options.answer_pattern must be a regular expression or null, got {pattern!r} ({problem}).")
 
 
 def normalise(answer: str) -> str:
