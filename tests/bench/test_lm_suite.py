@@ -52,8 +52,8 @@ def test_the_lm_suite_file_validates_and_names_its_recipes():
     suite = load_suite("lm")
     tasks = resolve_tasks(suite, None, None)
     assert [t.name for t in tasks] == ["wordnet16", "fortunes8", "lemmas"]
-    expected = {"wordnet16": ("text_classification", "minilm", "wordnet_supersenses", 150),
-                "fortunes8": ("text_classification", "minilm", "fortune_topics", 100),
+    expected = {"wordnet16": ("text_classification", "minilm", "wordnet_supersenses", 250),
+                "fortunes8": ("text_classification", "minilm", "fortune_topics", 160),
                 "lemmas": ("causal_lm", "smollm2", "wordnet_lemmas", None)}  # fmt: skip
     for task in tasks:
         assert task.recipe == ROOT / "configs" / "bench" / "recipes" / f"lm_{task.name}.yaml"
