@@ -4,6 +4,8 @@
     python V-PEFT-Bench/run.py --suite fgvc --methods lora --seeds 3 --data-root data/fgvc
     python V-PEFT-Bench/run.py --suite minivtab --methods all --seeds 3          # offline, builds its data
     python V-PEFT-Bench/run.py --suite lm --methods lora,bitfit --seeds 3          # text tasks, with their baselines
+    python V-PEFT-Bench/run.py --suite clip_scenes --methods lora_both,comp_lora_both,coop --seeds 3 \
+        --protocol quick                          # CLIP base-to-novel and k-shot (variants: the suite's names)
     python V-PEFT-Bench/run.py --suite vtab1k --tasks cifar100,dtd --methods lora:r=16 --protocol literature
     python V-PEFT-Bench/run.py --data-root ~/my_tasks --tasks xray --methods lora --out runs/xray \\
         --set train.epochs=5 model.pretrained=checkpoints/vit.safetensors
@@ -143,7 +145,7 @@ def _strip_jobs(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="vtab1k", help="vtab1k | fgvc | minivtab | lm | a suite yaml")
+    parser.add_argument("--suite", default="vtab1k", help="vtab1k | fgvc | minivtab | lm | clip_scenes | a yaml")
     parser.add_argument("--tasks", help="comma-separated task names/aliases or folders under --data-root")
     parser.add_argument("--data-root", type=Path, help="folder with one sub-folder per task (default: the suite's)")
     parser.add_argument("--methods", default="lora", help="comma-separated (`name:key=value` for options), all, none")
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     every = [m for m in vpeft.list_methods() if m not in TEXT_TOWER_METHODS and m != "frozen"]
     named = {"all": every, "none": []}
     names = named[args.methods] if args.methods in named else args.methods.split(",")
-    methods = [parse_method(m) for m in names] + ([] if args.no_baselines else baselines(suite))
+    methods = [parse_method(m, suite) for m in names] + ([] if args.no_baselines else baselines(suite))
     seeds = parse_seeds(args.seeds, suite)
     index, count = (int(x) for x in args.shard.split("/"))
     out = (args.out or ROOT / "work_dirs" / "bench" / suite.name).resolve()
