@@ -27,9 +27,16 @@ def test_one_config_per_dataset_of_the_prepare_tool():
     assert sorted(p.stem for p in REAL.glob("[!_]*.yaml")) == sorted(clip_fewshot.DATASETS)
 
 
+EDITS = {
+    "as-is": [],
+    "4shot": ["data.train_split=train_4shot_seed2", "train.seed=2"],
+    "coop": COOP,
+    "lora-image": ["method.name=lora", "model.head.adapt=image"],
+}
+
+
 @pytest.mark.parametrize("name", sorted(clip_fewshot.DATASETS))
-@pytest.mark.parametrize("edits", [[], ["data.train_split=train_4shot_seed2", "train.seed=2"], COOP,
-                                   ["method.name=lora", "model.head.adapt=image"]], ids=["as-is", "4shot", "coop", "lora"])  # fmt: skip
+@pytest.mark.parametrize("edits", list(EDITS.values()), ids=list(EDITS))
 def test_configs_validate_without_data_or_weights(name, edits):
     """What tools/train.py checks before it builds anything (the run config, the head's options, the method's
     options with the task's tower scoping), for the config as it is and with the edits _vit_b16.yaml documents."""
