@@ -152,13 +152,18 @@ def summary(per_task: dict[str, float], tasks: Sequence[tuple[str, str]]) -> dic
     return out
 
 
-def rows(found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """One row per method, best ``mean_groups`` (then ``mean_tasks``, then tasks done) first."""
+def rows(
+    found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]], means: bool = True
+) -> list[dict[str, Any]]:
+    """One row per method, best ``mean_groups`` (then ``mean_tasks``, then tasks done) first; without ``means``
+    (columns that are not tasks to average) every mean is None and the best score on the first column comes first."""
     methods = sorted({m for m, _ in found})
     out = []
     for method in methods:
         mine = {t: found[(method, t)] for t, _ in tasks if (method, t) in found}
         stats = summary({t: c.mean for t, c in mine.items()}, tasks)
+        if not means:
+            stats = dict.fromkeys(stats)
         params = [c.params for c in mine.values()]
         out.append(
             {
@@ -172,9 +177,13 @@ def rows(found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]]) -
             }
         )
 
+    first = tasks[0][0] if tasks else None
+
     def rank(row):
+        lead = row["cells"][first].mean if first in row["cells"] else -1.0
         return tuple(-(row[k] if row[k] is not None else -1.0) for k in ("mean_groups", "mean_tasks")) + (
             -len(row["cells"]),
+            -lead,
         )
 
     return sorted(out, key=rank)

@@ -88,6 +88,10 @@ def tradeoff(table: list[dict[str, Any]], x: str, y: str, path: Path, title: str
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for row in points:
+        if row["baseline"]:  # the reference's quadrants: right of it gained on x, below it lost on y
+            ax.axvline(row["cells"][x].mean, color="grey", lw=0.8, ls=":")
+            ax.axhline(row["cells"][y].mean, color="grey", lw=0.8, ls=":")
+    for row in points:
         cx, cy = row["cells"][x], row["cells"][y]
         ax.errorbar(cx.mean, cy.mean, xerr=cx.std or 0.0, yerr=cy.std or 0.0, fmt="s" if row["baseline"] else "o",
                     capsize=3, label=row["method"])  # fmt: skip

@@ -56,7 +56,7 @@ def checks(records: list[dict[str, Any]], suite: Suite) -> dict[str, list[dict[s
     for protocol in PROTOCOLS:
         found = board.cells([r for r in records if r["protocol"] == protocol], protocol)
         if found:
-            table = board.rows(found, suite_tasks(suite))
+            table = board.rows(found, suite_tasks(suite), suite.means)
             out[protocol] = board.check(table, suite_tasks(suite), suite.check.method, suite.check.sigmas)
     return out
 
@@ -149,7 +149,7 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
             for table_tasks, title in ((tasks, suite.name), (others, "other tasks")):
                 if not table_tasks:
                     continue
-                table = board.rows(board.cells(mine, protocol, best_epoch), table_tasks)
+                table = board.rows(board.cells(mine, protocol, best_epoch), table_tasks, suite.means)
                 if not table:
                     continue
                 heading = f"{title}: {protocol}, {metric}"
