@@ -55,6 +55,7 @@ from vbench.suite import load_suite, resolve_tasks  # noqa: E402
 import vpeft  # noqa: E402
 from vpeft.engine import cli  # noqa: E402
 from vpeft.engine.config import ConfigError, load_config  # noqa: E402
+from vpeft.errors import UnknownNameError  # noqa: E402
 from vpeft.methods import METHODS, TEXT_TOWER_METHODS  # noqa: E402
 from vpeft.registry import lookup  # noqa: E402
 
@@ -115,7 +116,12 @@ def run_unit(args, suite, task, method, seeds, out: Path) -> int:
 def check_method(suite, protocol: str, task, method, seeds, user_set) -> None:
     """Load the run config of ``method``'s first final run on ``task``, as :func:`execute` will: unknown names and
     options, with close matches, are an error here instead of one failed run per task and seed."""
-    lookup(METHODS, method.name, "method")
+    try:
+        lookup(METHODS, method.name, "method")
+    except UnknownNameError as err:
+        if not suite.variants:
+            raise
+        raise UnknownNameError(f"{err} Suite {suite.name!r} also names {', '.join(suite.variants)}.") from None
     run = final_runs(suite, protocol, task, method, seeds[:1], (), user_set)[0]
     try:
         load_config(task.recipe, list(run.overrides))

@@ -155,7 +155,8 @@ def execute(spec: RunSpec, recipe: Path, out: Path, keep_checkpoints: bool = Fal
         cfg = load_config(recipe, list(spec.overrides))
         config = config_to_dict(cfg)
         previous = read_result(folder / RESULT)
-        if previous and previous.get("status") == "ok" and previous.get("config") == config:
+        same_evals = set((previous or {}).get("evals") or {}) == set(spec.task.evals)  # evals added later: rerun
+        if previous and previous.get("status") == "ok" and previous.get("config") == config and same_evals:
             return previous, False
         resume = (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.yaml").is_file()
         if resume:

@@ -17,7 +17,7 @@ from tests.bench._helpers import ROOT, load_script
 from vpeft.data import build_loader
 from vpeft.engine.config import load_config
 from vpeft.engine.run_dir import open_run
-from vpeft.errors import ConfigError
+from vpeft.errors import ConfigError, UnknownNameError
 from vpeft.methods import METHODS
 
 run_tool = load_script("V-PEFT-Bench/run.py")
@@ -130,3 +130,8 @@ def test_the_suite_runs_base_to_novel_through_run_py(tmp_path, capsys):
                                      f"{novel:.2f} (SE {board.binomial_se(novel, 120):.2f})", f"{hm:.2f}"]  # fmt: skip
     assert "| CoOp | 82.69 | 63.22 | 71.66 |" in text and "| ours: `zero_shot` (baseline), quick |" in text
     assert (board_dir / "base_vs_novel_quick_top1.png").stat().st_size > 0
+
+
+def test_an_unknown_method_names_the_suites_variants():
+    with pytest.raises(UnknownNameError, match="Suite 'clip_scenes' also names lora_both, lora_image, comp_lora_both"):
+        run_tool.main(["--suite", "clip_scenes", "--methods", "lora_bth", "--dry-run"])
