@@ -91,10 +91,11 @@ def tradeoff(table: list[dict[str, Any]], x: str, y: str, path: Path, title: str
         if row["baseline"]:  # the reference's quadrants: right of it gained on x, below it lost on y
             ax.axvline(row["cells"][x].mean, color="grey", lw=0.8, ls=":")
             ax.axhline(row["cells"][y].mean, color="grey", lw=0.8, ls=":")
-    for row in points:
+    colour = {name: plt.cm.tab10(i % 10) for i, name in enumerate(sorted(row["method"] for row in points))}
+    for row in points:  # colours by name, so one method has one colour in every protocol's plot
         cx, cy = row["cells"][x], row["cells"][y]
         ax.errorbar(cx.mean, cy.mean, xerr=cx.std or 0.0, yerr=cy.std or 0.0, fmt="s" if row["baseline"] else "o",
-                    capsize=3, label=row["method"])  # fmt: skip
+                    capsize=3, label=row["method"], color=colour[row["method"]])  # fmt: skip
     ax.set_xlabel(f"{x} (%)")
     ax.set_ylabel(f"{y} (%)")
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
