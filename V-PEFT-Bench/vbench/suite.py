@@ -218,6 +218,9 @@ def load_suite(name_or_path: str) -> Suite:
                                        "does not exist")  # fmt: skip
     if isinstance(suite.tasks, dict):
         _check_columns(suite, path)
+    if suite.published is not None and not (ROOT / "V-PEFT-Bench" / "published" / suite.published.file).is_file():
+        raise MissingFileError(f"suite file {path}: published.file {suite.published.file!r} is not a file in "
+                               f"{ROOT / 'V-PEFT-Bench' / 'published'}; name one of the CSV files there")  # fmt: skip
     known = list(suite.tasks) if isinstance(suite.tasks, dict) else [t for t, _ in suite.task_table()]
     for name, baseline in suite.baselines.items():
         unknown = [t for t in baseline.tasks or () if t not in known]

@@ -17,7 +17,7 @@ from tests.bench._helpers import ROOT, load_script
 from vpeft.data import build_loader
 from vpeft.engine.config import load_config
 from vpeft.engine.run_dir import open_run
-from vpeft.errors import ConfigError, UnknownNameError
+from vpeft.errors import ConfigError, MissingFileError, UnknownNameError
 from vpeft.methods import METHODS
 
 run_tool = load_script("V-PEFT-Bench/run.py")
@@ -58,13 +58,17 @@ def test_equal_rank_variants_swap_the_settings_of_lora_and_comp_lora():
     assert _run_config(suite, "comp_lora_r8:r=4").method.options["r"] == 4  # options come after the variant's set
 
 
-def test_columns_must_be_unique_and_harmonic_means_name_an_eval(tmp_path):
+def test_columns_must_be_unique_harmonic_means_name_an_eval_and_published_files_exist(tmp_path):
     recipe = ROOT / "configs" / "clip" / "_scenes_b2n.yaml"
     base = {"seeds": [0], "protocols": {"quick": {"final": ["train", "test"]}}}
     clash = {"a": {"recipe": str(recipe), "evals": {"b": []}}, "b": {"recipe": str(recipe)}}
     (tmp_path / "clash.yaml").write_text(yaml.safe_dump({**base, "tasks": clash}))
     with pytest.raises(ConfigError, match="column 'b' of task 'b' is also a column of task 'a'"):
         load_suite(str(tmp_path / "clash.yaml"))
+    missing = {**base, "tasks": {"a": {"recipe": str(recipe)}}, "published": {"file": "nope.csv", "note": "n"}}
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(missing))
+    with pytest.raises(MissingFileError, match="published.file 'nope.csv' is not a file in"):
+        load_suite(str(tmp_path / "missing.yaml"))
     stray = {"a": {"recipe": str(recipe), "evals": {"novel": []}, "harmonic": {"HM": "new"}}}
     (tmp_path / "stray.yaml").write_text(yaml.safe_dump({**base, "tasks": stray}))
     with pytest.raises(ConfigError, match=r"tasks.a.harmonic.HM .* 'new', which is not one of the task's evals"):
