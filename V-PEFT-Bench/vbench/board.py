@@ -90,16 +90,22 @@ def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b else 0.0
 
 
-def with_columns(records: Iterable[dict[str, Any]], harmonic: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+def with_columns(
+    records: Iterable[dict[str, Any]], harmonic: dict[str, dict[str, str]], also_as: dict[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
     """The records and, for each ``ok`` record with ``evals``, one record per eval (``task`` the eval's name, its
     score and test size) and one per harmonic mean of ``harmonic[task]`` (``{column: eval}``: the mean of the
-    record's own score and that eval's, per seed, so its std is over seeds; no test size, so no SE). The added
-    records carry ``column_of`` (the task) and no best-epoch score: evals score the last epoch only."""
+    record's own score and that eval's, per seed, so its std is over seeds; no test size, so no SE); for each ``ok``
+    record of a task in ``also_as``, a copy under each of its other column names. The added records carry
+    ``column_of`` (the task); those of evals and harmonic means no best-epoch score (evals score the last epoch)."""
     out = []
     for r in records:
         out.append(r)
+        if r["status"] != "ok":
+            continue
+        out += [r | {"task": column, "column_of": r["task"]} for column in (also_as or {}).get(r["task"], ())]
         evals = r.get("evals") or {}
-        if r["status"] != "ok" or not evals:
+        if not evals:
             continue
         key = metric_key(r)
         base = {k: v for k, v in r.items() if not k.endswith(BEST_EPOCH) and k != "evals"} | {"column_of": r["task"]}

@@ -42,9 +42,12 @@ def suite_tasks(suite: Suite) -> list[tuple[str, str]]:
 
 
 def scored(records: list[dict[str, Any]], suite: Suite) -> list[dict[str, Any]]:
-    """The records with one more per eval and harmonic-mean column of the suite's tasks (:func:`board.with_columns`)."""
-    harmonic = {name: task.harmonic for name, task in suite.tasks.items()} if isinstance(suite.tasks, dict) else {}
-    return board.with_columns(records, harmonic)
+    """The records with one more per eval, harmonic-mean and ``also_as`` column of the suite's tasks
+    (:func:`board.with_columns`)."""
+    if not isinstance(suite.tasks, dict):
+        return records
+    harmonic = {name: task.harmonic for name, task in suite.tasks.items()}
+    return board.with_columns(records, harmonic, {name: list(task.also_as) for name, task in suite.tasks.items()})
 
 
 def checks(records: list[dict[str, Any]], suite: Suite) -> dict[str, list[dict[str, Any]]]:

@@ -20,6 +20,7 @@ of the tables beside the task's own score) and add harmonic means of its own sco
         recipe: ../clip/_scenes_b2n.yaml
         evals: {novel: [data.options.classes=novel], held_out: [data.options.classes=held_out]}
         harmonic: {HM: novel}
+        also_as: {16-shot: k_shot}         # its own score, again, as a column of the group k_shot
 
 and then, for both::
 
@@ -90,10 +91,15 @@ class SuiteTask(_Strict):
     evals: dict[str, list[str]] = {}
     # columns that are the harmonic mean of the task's own score and one of its evals, per seed ({HM: novel})
     harmonic: dict[str, str] = {}
+    # the task's own score shown again as another column of another group ({16-shot: k_shot}: the base-to-novel
+    # task's base score is also the 16-shot point of the k-shot curve, from the same runs)
+    also_as: dict[str, str] = {}
 
-    def columns(self, name: str) -> list[str]:
-        """The task's columns in the tables: its own score, then each eval followed by its harmonic means."""
-        return [name, *(c for e in self.evals for c in (e, *(h for h, of in self.harmonic.items() if of == e)))]
+    def columns(self, name: str) -> list[tuple[str, str]]:
+        """The task's ``(column, group)`` in its group: its own score, then each eval followed by its harmonic
+        means (its ``also_as`` columns come after every task's, at the end of their groups)."""
+        own = [name, *(c for e in self.evals for c in (e, *(h for h, of in self.harmonic.items() if of == e)))]
+        return [(c, self.group) for c in own]
 
 
 class Variant(_Strict):
@@ -169,10 +175,11 @@ class Suite(_Strict):
         return self.protocols[name]
 
     def task_table(self) -> list[tuple[str, str]]:
-        """``(column, group)`` of every column of the suite's tables in order: each task, then its evals and harmonic
-        means (a written-out task's ``columns``)."""
+        """``(column, group)`` of every column of the suite's tables in order: each task followed by its evals and
+        harmonic means (a written-out task's ``columns``), then the tasks' ``also_as`` columns."""
         if isinstance(self.tasks, dict):
-            return [(column, task.group) for name, task in self.tasks.items() for column in task.columns(name)]
+            own = [column for name, task in self.tasks.items() for column in task.columns(name)]
+            return own + [column for task in self.tasks.values() for column in task.also_as.items()]
         if self.tasks == "fgvc":
             return [(name, "fgvc") for name in FGVC]
         return [(t.name, t.group) for t in SUITES[self.tasks].values()]
@@ -240,7 +247,7 @@ def _check_columns(suite: Suite, path: Path) -> None:
                 evals = ", ".join(task.evals) or "none"
                 raise ConfigError(f"suite file {path}: tasks.{name}.harmonic.{column} is the harmonic mean with "
                                   f"{of!r}, which is not one of the task's evals ({evals})")  # fmt: skip
-        for column in task.columns(name):
+        for column, _ in [*task.columns(name), *task.also_as.items()]:
             if column in seen:
                 raise ConfigError(f"suite file {path}: column {column!r} of task {name!r} is also a column of task "
                                   f"{seen[column]!r}; give evals and harmonic means names of their own")  # fmt: skip

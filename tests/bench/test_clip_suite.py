@@ -85,18 +85,23 @@ def _record(method: str, seed: int, base: float, novel: float, baseline: bool = 
 def test_harmonic_mean_per_seed_and_one_table_per_group():
     records = [_record("zero_shot", 0, 50.0, 40.0, True), _record("coop", 0, 80.0, 20.0)]
     records.append(_record("coop", 1, 70.0, 30.0))
-    columns = board.with_columns(records, {"base": {"HM": "novel"}})
+    columns = board.with_columns(records, {"base": {"HM": "novel"}}, {"base": ["16-shot"]})
     found = board.cells(columns, "quick")
+    assert found[("coop", "16-shot")].values == [80.0, 70.0]  # the base score again, in the k-shot group
     # HM per seed: 2*80*20/100 = 32, 2*70*30/100 = 42 -> mean 37, sample std 7.07; zero-shot 2*50*40/90 = 44.44
     assert found[("coop", "HM")].values == pytest.approx([32.0, 42.0])
     assert found[("zero_shot", "HM")].mean == pytest.approx(400 / 9)
     assert found[("coop", "novel")].test_size == 600 and found[("coop", "HM")].se is None
-    tasks = [("base", "base_to_novel"), ("novel", "base_to_novel"), ("HM", "base_to_novel"), ("1-shot", "k_shot")]
-    table = board.rows(found, tasks)
+    tasks = load_suite("clip_scenes").task_table()
+    assert tasks[:4] == [("base", "base_to_novel"), ("novel", "base_to_novel"), ("HM", "base_to_novel"),
+                         ("held_out", "base_to_novel")] and tasks[-1] == ("16-shot", "k_shot")  # fmt: skip
+    table = board.rows(found, tasks, means=False)
     text = board.markdown(table, tasks, "t", "c", means=False)
-    assert "| method | params (no head) | seeds | base | novel | HM |" in text  # k_shot has no result: no table
-    assert "| `coop` | 0.5K | 2 | 75.00 ± 7.07 (SE 1.77) | 25.00 ± 7.07 (SE 1.77) | 37.00 ± 7.07 |" in text
-    assert "Mean" not in text and "k_shot" not in text
+    assert "| method | params (no head) | seeds | base | novel | HM | held_out |" in text
+    assert "| `coop` | 0.5K | 2 | 75.00 ± 7.07 (SE 1.77) | 25.00 ± 7.07 (SE 1.77) | 37.00 ± 7.07 |  |" in text
+    assert "| seeds | 1-shot | 2-shot | 4-shot | 8-shot | 16-shot |" in text
+    assert "| `coop` | 0.5K | 2 |  |  |  |  | 75.00 ± 7.07 (SE 1.77) |" in text
+    assert "Mean" not in text and table[0]["method"] == "coop" and table[0]["mean_tasks"] is None  # best base first
     bad = {**records[1], "evals": {"novel": {"loss": 1.0}}}
     assert any("evals.novel" in p for p in check_result({**bad, "schema": "x"}))
 
