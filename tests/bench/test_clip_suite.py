@@ -15,6 +15,7 @@ from vbench.suite import load_suite, resolve_tasks
 
 from tests.bench._helpers import ROOT, load_script
 from vpeft.data import build_loader
+from vpeft.engine import cli
 from vpeft.engine.config import load_config
 from vpeft.engine.run_dir import open_run
 from vpeft.errors import ConfigError, MissingFileError, UnknownNameError
@@ -141,6 +142,9 @@ def test_the_suite_runs_base_to_novel_through_run_py(tmp_path, capsys):
     assert (board_dir / "base_vs_novel_quick_top1.png").stat().st_size > 0
 
 
-def test_an_unknown_method_names_the_suites_variants():
+def test_an_unknown_method_names_the_suites_variants(capsys):
     with pytest.raises(UnknownNameError, match="Suite 'clip_scenes' also names lora_both, lora_image, comp_lora_both"):
         run_tool.main(["--suite", "clip_scenes", "--methods", "lora_bth", "--dry-run"])
+    assert cli.run(run_tool.main, ["--suite", "clip_scenes", "--methods", "lora_bth"]) == 2  # before any run
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown method 'lora_bth'") and err.count("\n") == 1 and "Traceback" not in err
