@@ -4,6 +4,8 @@
     python V-PEFT-Bench/run.py --suite fgvc --methods lora --seeds 3 --data-root data/fgvc
     python V-PEFT-Bench/run.py --suite minivtab --methods all --seeds 3          # offline, builds its data
     python V-PEFT-Bench/run.py --suite lm --methods lora,bitfit --seeds 3          # text tasks, with their baselines
+    python V-PEFT-Bench/run.py --suite clip_scenes --methods lora_both,comp_lora_both,coop --seeds 3 \
+        --protocol quick                          # CLIP base-to-novel and k-shot (variants: the suite's names)
     python V-PEFT-Bench/run.py --suite vtab1k --tasks cifar100,dtd --methods lora:r=16 --protocol literature
     python V-PEFT-Bench/run.py --data-root ~/my_tasks --tasks xray --methods lora --out runs/xray \\
         --set train.epochs=5 model.pretrained=checkpoints/vit.safetensors
@@ -53,6 +55,7 @@ from vbench.suite import load_suite, resolve_tasks  # noqa: E402
 import vpeft  # noqa: E402
 from vpeft.engine import cli  # noqa: E402
 from vpeft.engine.config import ConfigError, load_config  # noqa: E402
+from vpeft.errors import UnknownNameError  # noqa: E402
 from vpeft.methods import METHODS, TEXT_TOWER_METHODS  # noqa: E402
 from vpeft.registry import lookup  # noqa: E402
 
@@ -113,7 +116,12 @@ def run_unit(args, suite, task, method, seeds, out: Path) -> int:
 def check_method(suite, protocol: str, task, method, seeds, user_set) -> None:
     """Load the run config of ``method``'s first final run on ``task``, as :func:`execute` will: unknown names and
     options, with close matches, are an error here instead of one failed run per task and seed."""
-    lookup(METHODS, method.name, "method")
+    try:
+        lookup(METHODS, method.name, "method")
+    except UnknownNameError as err:
+        if not suite.variants:
+            raise
+        raise UnknownNameError(f"{err} Suite {suite.name!r} also names {', '.join(suite.variants)}.") from None
     run = final_runs(suite, protocol, task, method, seeds[:1], (), user_set)[0]
     try:
         load_config(task.recipe, list(run.overrides))
@@ -143,7 +151,7 @@ def _strip_jobs(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="vtab1k", help="vtab1k | fgvc | minivtab | lm | a suite yaml")
+    parser.add_argument("--suite", default="vtab1k", help="vtab1k | fgvc | minivtab | lm | clip_scenes | a yaml")
     parser.add_argument("--tasks", help="comma-separated task names/aliases or folders under --data-root")
     parser.add_argument("--data-root", type=Path, help="folder with one sub-folder per task (default: the suite's)")
     parser.add_argument("--methods", default="lora", help="comma-separated (`name:key=value` for options), all, none")
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     every = [m for m in vpeft.list_methods() if m not in TEXT_TOWER_METHODS and m != "frozen"]
     named = {"all": every, "none": []}
     names = named[args.methods] if args.methods in named else args.methods.split(",")
-    methods = [parse_method(m) for m in names] + ([] if args.no_baselines else baselines(suite))
+    methods = [parse_method(m, suite) for m in names] + ([] if args.no_baselines else baselines(suite))
     seeds = parse_seeds(args.seeds, suite)
     index, count = (int(x) for x in args.shard.split("/"))
     out = (args.out or ROOT / "work_dirs" / "bench" / suite.name).resolve()

@@ -1,6 +1,10 @@
 """Evaluate a finished run's adapter on its test split and write ``test_metrics.json`` into the run directory.
 
 python tools/test.py runs/x [--split test]
+python tools/test.py runs/clip --set data.options.classes=novel --out novel_metrics.json   # base-to-novel: novel
+
+``--set`` edits the saved config before the model and data are built (``tools/train.py``'s syntax): the same adapter
+scored on other data, such as a CLIP run trained on base classes scored on the novel ones (CoCoOp's protocol).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="edits of the saved config")
+    parser.add_argument("--out", default="test_metrics.json", help="file name in the run directory")
     args = parser.parse_args(argv)
-    metrics = evaluate_run(args.run_dir, args.split)
-    out = args.run_dir / "test_metrics.json"
+    metrics = evaluate_run(args.run_dir, args.split, args.set)
+    out = args.run_dir / args.out
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
     print(json.dumps(metrics, indent=2))
     return 0

@@ -85,6 +85,37 @@ def verdict(method: Cell, baseline: Cell, sigmas: float) -> tuple[float, float |
     return gap, ratio, ratio > sigmas
 
 
+def harmonic_mean(a: float, b: float) -> float:
+    """``2ab / (a + b)`` (0 when both are 0): CoCoOp's H of base and novel accuracy (Zhou et al., CVPR 2022)."""
+    return 2 * a * b / (a + b) if a + b else 0.0
+
+
+def with_columns(
+    records: Iterable[dict[str, Any]], harmonic: dict[str, dict[str, str]], also_as: dict[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
+    """The records and, for each ``ok`` record with ``evals``, one record per eval (``task`` the eval's name, its
+    score and test size) and one per harmonic mean of ``harmonic[task]`` (``{column: eval}``: the mean of the
+    record's own score and that eval's, per seed, so its std is over seeds; no test size, so no SE); for each ``ok``
+    record of a task in ``also_as``, a copy under each of its other column names. The added records carry
+    ``column_of`` (the task); those of evals and harmonic means no best-epoch score (evals score the last epoch)."""
+    out = []
+    for r in records:
+        out.append(r)
+        if r["status"] != "ok":
+            continue
+        out += [r | {"task": column, "column_of": r["task"]} for column in (also_as or {}).get(r["task"], ())]
+        evals = r.get("evals") or {}
+        if not evals:
+            continue
+        key = metric_key(r)
+        base = {k: v for k, v in r.items() if not k.endswith(BEST_EPOCH) and k != "evals"} | {"column_of": r["task"]}
+        for name, numbers in evals.items():
+            out.append(base | {"task": name, key: numbers[key], "test_size": numbers.get("test_size")})
+        for column, of in harmonic.get(r["task"], {}).items():
+            out.append(base | {"task": column, key: harmonic_mean(r[key], evals[of][key]), "test_size": None})
+    return out
+
+
 def cells(records: Iterable[dict[str, Any]], protocol: str, best_epoch: bool = False) -> dict[tuple[str, str], Cell]:
     """``(method, task) -> Cell`` from the ``ok`` final-phase records of one protocol: each record's own metric, or
     its best epoch on the test split (``best_epoch``, literature)."""
@@ -127,13 +158,18 @@ def summary(per_task: dict[str, float], tasks: Sequence[tuple[str, str]]) -> dic
     return out
 
 
-def rows(found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """One row per method, best ``mean_groups`` (then ``mean_tasks``, then tasks done) first."""
+def rows(
+    found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]], means: bool = True
+) -> list[dict[str, Any]]:
+    """One row per method, best ``mean_groups`` (then ``mean_tasks``, then tasks done) first; without ``means``
+    (columns that are not tasks to average) every mean is None and the best score on the first column comes first."""
     methods = sorted({m for m, _ in found})
     out = []
     for method in methods:
         mine = {t: found[(method, t)] for t, _ in tasks if (method, t) in found}
         stats = summary({t: c.mean for t, c in mine.items()}, tasks)
+        if not means:
+            stats = dict.fromkeys(stats)
         params = [c.params for c in mine.values()]
         out.append(
             {
@@ -147,9 +183,13 @@ def rows(found: dict[tuple[str, str], Cell], tasks: Sequence[tuple[str, str]]) -
             }
         )
 
+    first = tasks[0][0] if tasks else None
+
     def rank(row):
+        lead = row["cells"][first].mean if first in row["cells"] else -1.0
         return tuple(-(row[k] if row[k] is not None else -1.0) for k in ("mean_groups", "mean_tasks")) + (
             -len(row["cells"]),
+            -lead,
         )
 
     return sorted(out, key=rank)
@@ -221,8 +261,14 @@ def groups_of(tasks: Sequence[tuple[str, str]]) -> list[str]:
     return sorted(seen, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
 
 
-def markdown(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], heading: str, caption: str) -> str:
-    """The summary table (groups and both means) and the per-task table of one protocol and metric."""
+def markdown(
+    table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], heading: str, caption: str, means: bool = True
+) -> str:
+    """The summary table (groups and both means) and the per-task table of one protocol and metric; without
+    ``means`` (columns that are not tasks to average, such as base, novel and their harmonic mean) one table per
+    group, each with the parameters and seeds."""
+    if not means:
+        return _group_tables(table, tasks, heading, caption)
     groups = groups_of(tasks)
     multi = len(groups) > 1
     head = ["method", "params (no head)", *(g.capitalize() for g in groups)]
@@ -237,6 +283,42 @@ def markdown(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], head
     lines += ["", "| method | " + " | ".join(t for t, _ in tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
     for row in table:
         lines.append(f"| {_name(row)} | " + " | ".join(_cell(row["cells"].get(t)) for t, _ in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _group_tables(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], heading: str, caption: str) -> str:
+    lines = [f"### {heading}", "", caption]
+    for group in groups_of(tasks):
+        columns = [t for t, g in tasks if g == group]
+        mine = [row for row in table if any(c in row["cells"] for c in columns)]
+        if not mine:
+            continue
+        lines += ["", f"**{group}**", "", "| method | params (no head) | seeds | " + " | ".join(columns) + " |"]
+        lines.append("|" + " --- |" * (len(columns) + 3))
+        for row in mine:
+            cells_ = [row["cells"].get(c) for c in columns]
+            params = statistics.fmean(c.params for c in cells_ if c is not None)
+            seeds = max(len(c.values) for c in cells_ if c is not None)
+            lines.append(f"| {_name(row)} | {_params(params)} | {seeds} | " + " | ".join(map(_cell, cells_)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def published_rows_markdown(
+    path: Path, ours: dict[str, list[dict[str, Any]]], columns: Sequence[str], note: str
+) -> str:
+    """Published rows (``path``: ``method``, some of ``columns``, ``vpeft_method``, ``source``) each followed by our
+    rows of the same method (``ours``: protocol -> leaderboard rows), column by column."""
+    with open(path, newline="") as handle:
+        published = list(csv.DictReader(handle))
+    shown = [c for c in columns if published and c in published[0]]
+    lines = ["## Published numbers", "", note, "", "| method | " + " | ".join(shown) + " | source |"]
+    lines.append("|" + " --- |" * (len(shown) + 2))
+    for row in published:
+        lines.append(f"| {row['method']} | " + " | ".join(row[c] for c in shown) + f" | {row.get('source', '')} |")
+        for protocol, table in ours.items():
+            for mine in (r for r in table if row.get("vpeft_method") and r["method"] == row["vpeft_method"]):
+                values = " | ".join(_cell(mine["cells"].get(c)) for c in shown)
+                lines.append(f"| ours: {_name(mine)}, {protocol} | {values} | this leaderboard |")
     return "\n".join(lines) + "\n"
 
 

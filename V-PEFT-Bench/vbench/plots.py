@@ -2,7 +2,9 @@
 
 * ``accuracy_vs_params.png``: the overall mean of each method against its trainable parameters without the head
   (symmetric-log x axis, so the linear probe's 0 sits at the left edge);
-* ``per_task_heatmap.png``: methods x tasks, the mean score (top-1, accuracy, exact match) over seeds in each cell.
+* ``per_task_heatmap.png``: methods x tasks, the mean score (top-1, accuracy, exact match) over seeds in each cell;
+* ``<task>_vs_<eval>.png``: a task's own score against one of its evals per method (a harmonic-mean column's two
+  sides: CLIP's base against novel accuracy, the base-to-novel trade-off).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from vpeft.files import atomic_write  # noqa: E402
 
 
 def _overall(row: dict[str, Any]) -> tuple[float | None, str]:
@@ -71,5 +75,33 @@ def heatmap(
     fig.colorbar(image, ax=ax, label=f"{metric} (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def tradeoff(table: list[dict[str, Any]], x: str, y: str, path: Path, title: str) -> Path | None:
+    """Each method's mean score on column ``y`` against its mean on ``x`` (bars: sample std over seeds); baselines
+    as squares. With ``x`` the base classes and ``y`` the novel ones it is the base-to-novel trade-off: a method right
+    of the zero-shot square gained on base, one below it lost novel accuracy (CoCoOp's generalisation gap)."""
+    points = [row for row in table if x in row["cells"] and y in row["cells"]]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for row in points:
+        if row["baseline"]:  # the reference's quadrants: right of it gained on x, below it lost on y
+            ax.axvline(row["cells"][x].mean, color="grey", lw=0.8, ls=":")
+            ax.axhline(row["cells"][y].mean, color="grey", lw=0.8, ls=":")
+    colour = {name: plt.cm.tab10(i % 10) for i, name in enumerate(sorted(row["method"] for row in points))}
+    for row in points:  # colours by name, so one method has one colour in every protocol's plot
+        cx, cy = row["cells"][x], row["cells"][y]
+        ax.errorbar(cx.mean, cy.mean, xerr=cx.std or 0.0, yerr=cy.std or 0.0, fmt="s" if row["baseline"] else "o",
+                    capsize=3, label=row["method"], color=colour[row["method"]])  # fmt: skip
+    ax.set_xlabel(f"{x} (%)")
+    ax.set_ylabel(f"{y} (%)")
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path

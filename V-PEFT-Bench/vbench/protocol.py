@@ -66,13 +66,16 @@ class MethodRef:
         return self.tasks is None or task.name in self.tasks
 
 
-def parse_method(text: str) -> MethodRef:
-    """``lora`` or ``lora:r=16:alpha=16`` (method options after colons) -> :class:`MethodRef`."""
+def parse_method(text: str, suite: Suite | None = None) -> MethodRef:
+    """``lora`` or ``lora:r=16:alpha=16`` (method options after colons) -> :class:`MethodRef`; a name among the
+    suite's ``variants`` (``lora_both:r=2``) is its method with the variant's ``set``, then the options."""
     name, *options = text.strip().split(":")
     for option in options:
         if "=" not in option:
             raise ConfigError(f"method {text!r}: option {option!r} is not key=value (e.g. lora:r=16)")
-    return MethodRef(text.strip(), name, tuple(f"method.{o}" for o in options))
+    variant = suite.variants.get(name) if suite is not None else None
+    first = (variant.method, tuple(variant.set)) if variant else (name, ())
+    return MethodRef(text.strip(), first[0], (*first[1], *(f"method.{o}" for o in options)))
 
 
 def baselines(suite: Suite) -> list[MethodRef]:
@@ -134,6 +137,11 @@ def _base(suite: Suite, task: TaskRef, method: MethodRef, protocol: str) -> list
     ]
 
 
+def _seeded(suite: Suite, seed: int) -> list[str]:
+    """``train.seed`` and the suite's ``seed_keys`` (the shots a few-shot sampler draws) set to the run's seed."""
+    return [f"{key}={seed}" for key in ("train.seed", *suite.seed_keys)]
+
+
 def _split_overrides(train: str, val: str | None, test: str) -> list[str]:
     return [f"data.train_split={train}", f"data.val_split={val if val else 'null'}", f"data.test_split={test}"]
 
@@ -157,7 +165,7 @@ def tune_runs(
             *_base(suite, task, method, protocol),
             *_split_overrides(spec.tune[0], None, spec.tune[1]),
             *(f"{k}={v}" for k, v in point),
-            f"train.seed={seed}",
+            *_seeded(suite, seed),
             *user_set,
         ]
         runs.append(RunSpec(suite.name, protocol, "tune", task, method, seed, point, tuple(overrides)))
@@ -186,7 +194,7 @@ def final_runs(
             *_base(suite, task, method, protocol),
             *splits,
             *(f"{k}={v}" for k, v in point),
-            f"train.seed={seed}",
+            *_seeded(suite, seed),
             *user_set,
         ]
         runs.append(RunSpec(suite.name, protocol, "final", task, method, seed, point, tuple(overrides)))

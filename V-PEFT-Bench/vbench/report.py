@@ -41,15 +41,25 @@ def suite_tasks(suite: Suite) -> list[tuple[str, str]]:
     return suite.task_table()
 
 
+def scored(records: list[dict[str, Any]], suite: Suite) -> list[dict[str, Any]]:
+    """The records with one more per eval, harmonic-mean and ``also_as`` column of the suite's tasks
+    (:func:`board.with_columns`)."""
+    if not isinstance(suite.tasks, dict):
+        return records
+    harmonic = {name: task.harmonic for name, task in suite.tasks.items()}
+    return board.with_columns(records, harmonic, {name: list(task.also_as) for name, task in suite.tasks.items()})
+
+
 def checks(records: list[dict[str, Any]], suite: Suite) -> dict[str, list[dict[str, Any]]]:
     """The suite's check (its method against the best baseline per task) for each protocol with final results."""
     if suite.check is None:
         return {}
     out = {}
+    records = scored(records, suite)
     for protocol in PROTOCOLS:
         found = board.cells([r for r in records if r["protocol"] == protocol], protocol)
         if found:
-            table = board.rows(found, suite_tasks(suite))
+            table = board.rows(found, suite_tasks(suite), suite.means)
             out[protocol] = board.check(table, suite_tasks(suite), suite.check.method, suite.check.sigmas)
     return out
 
@@ -69,6 +79,13 @@ def check_summary(checked: dict[str, list[dict[str, Any]]]) -> str:
             lines.append(f"{head} {c['cell'].mean:.2f} vs {c['baseline']} {c['base_cell'].mean:.2f}: "
                          f"{c['gap']:+.2f} = {ratio}, {result}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _tradeoffs(suite: Suite) -> list[tuple[str, str]]:
+    """``(task, eval)`` of each harmonic-mean column: the two scores a trade-off plot sets against each other."""
+    if not isinstance(suite.tasks, dict):
+        return []
+    return [(name, of) for name, task in suite.tasks.items() for of in task.harmonic.values()]
 
 
 def _write(path: Path, text: str) -> None:
@@ -122,8 +139,10 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
     regenerate = f"Regenerate: `{command}`" if command else ""
     parts = [f"# {suite.name} leaderboard", "", regenerate, "", suite.caption or MEANS, ""]
     checked = checks(records, suite)
+    columns = scored(records, suite)
+    by_protocol = {}  # protocol -> leaderboard rows, for the published table
     for protocol in PROTOCOLS:
-        mine = [r for r in records if r["protocol"] == protocol]
+        mine = [r for r in columns if r["protocol"] == protocol]
         if not any(r["phase"] == "final" and r["status"] == "ok" for r in mine):
             continue
         spec = suite.protocol(protocol)
@@ -133,10 +152,13 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
             for table_tasks, title in ((tasks, suite.name), (others, "other tasks")):
                 if not table_tasks:
                     continue
-                table = board.rows(board.cells(mine, protocol, best_epoch), table_tasks)
+                table = board.rows(board.cells(mine, protocol, best_epoch), table_tasks, suite.means)
                 if not table:
                     continue
-                parts.append(board.markdown(table, table_tasks, f"{title}: {protocol}, {metric}", caption))
+                heading = f"{title}: {protocol}, {metric}"
+                parts.append(board.markdown(table, table_tasks, heading, caption, suite.means))
+                if table_tasks is tasks and not best_epoch:
+                    by_protocol[protocol] = table
                 if table_tasks is tasks:
                     stem = f"{protocol}_{metric}"
                     csv_path = out / f"leaderboard_{stem}.csv"
@@ -144,10 +166,13 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
                     written.append(csv_path)
                     plot_title = f"{suite.name}, {label(protocol, best_epoch, spec)}"
                     axis = suite.metric_label()
-                    for made in (
+                    made_plots = [
                         plots.accuracy_vs_params(table, out / f"accuracy_vs_params_{stem}.png", plot_title, axis),
                         plots.heatmap(table, tasks, out / f"heatmap_{stem}.png", plot_title, axis),
-                    ):
+                    ]
+                    for x, y in _tradeoffs(suite):
+                        made_plots.append(plots.tradeoff(table, x, y, out / f"{x}_vs_{y}_{stem}.png", plot_title))
+                    for made in made_plots:
                         if made:
                             written.append(made)
                             parts.append(f"![{made.stem}]({made.name})\n")
@@ -164,6 +189,9 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
             "with `standard`. Differences under about 0.5 points are protocol noise."
         )
         parts.append(board.published_markdown(board.read_published(published, tasks), ours, tasks, note))
+    if suite.published is not None:
+        path = PUBLISHED / suite.published.file
+        parts.append(board.published_rows_markdown(path, by_protocol, [t for t, _ in tasks], suite.published.note))
     parts += ["## Cost", "", _cost(records), _failures(records)]
     md = out / "leaderboard.md"
     _write(md, "\n".join(parts))

@@ -5,6 +5,10 @@ Files of a run under the output folder (``RunSpec.rel_dir``)::
     <protocol>/<task>/<method>/<phase>/<tag>/result.json     the record below, written atomically at the end
     <protocol>/<task>/<method>/<phase>/<tag>/run/            the engine's run directory (config, metrics, adapter)
 
+A task with ``evals`` (suite file) scores the trained adapter once more per eval, its saved config edited as the eval
+says, on the test split (:func:`vpeft.engine.run_dir.evaluate_run`, as ``tools/test.py --set``): the record's
+``evals`` maps each name to that split, its ``test_size`` and its metrics.
+
 A run is skipped when ``result.json`` says ``ok`` and holds the same resolved config. A run that was killed resumes
 from its last epoch checkpoint (the engine's ``resume``); one that raised is recorded as ``failed`` with its
 traceback, retried on the next invocation, and never stops the other runs. ``checkpoint.pt`` (optimizer state, the
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from vpeft.engine.config import config_to_dict, load_config
+from vpeft.engine.run_dir import evaluate_run
 from vpeft.engine.system import environment
 from vpeft.engine.train import train
 from vpeft.files import atomic_write
@@ -65,6 +70,13 @@ def check_result(record: dict[str, Any]) -> list[str]:
             problems.append(f"literature record without {metric_key(record, best_epoch=True)}")
         if record.get("test_size") is not None and not (_is_number(record["test_size"]) and record["test_size"] > 0):
             problems.append(f"test_size is {record['test_size']!r}, expected a positive count")
+        evals = record.get("evals") or {}
+        if not isinstance(evals, dict):
+            problems.append(f"evals is {evals!r}, expected an object of eval name -> metrics")
+        else:
+            for name, numbers in evals.items():
+                if not (isinstance(numbers, dict) and _is_number(numbers.get(metric_key(record)))):
+                    problems.append(f"evals.{name} has no number under {metric_key(record)!r}")
     elif not record.get("error"):
         problems.append("failed record without error")
     return problems
@@ -143,7 +155,8 @@ def execute(spec: RunSpec, recipe: Path, out: Path, keep_checkpoints: bool = Fal
         cfg = load_config(recipe, list(spec.overrides))
         config = config_to_dict(cfg)
         previous = read_result(folder / RESULT)
-        if previous and previous.get("status") == "ok" and previous.get("config") == config:
+        same_evals = set((previous or {}).get("evals") or {}) == set(spec.task.evals)  # evals added later: rerun
+        if previous and previous.get("status") == "ok" and previous.get("config") == config and same_evals:
             return previous, False
         resume = (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.yaml").is_file()
         if resume:
@@ -153,6 +166,8 @@ def execute(spec: RunSpec, recipe: Path, out: Path, keep_checkpoints: bool = Fal
         cpu = _cpu_seconds()
         summary = train(cfg, run_dir, resume=resume)
         record = {**_record(spec, recipe, config), "status": "ok", **_metrics_from(summary, spec.protocol)}
+        if spec.task.evals:
+            record["evals"] = {name: evaluate_run(run_dir, None, edits) for name, edits in spec.task.evals.items()}
         record["cpu_seconds"] = _cpu_seconds() - cpu  # survives a busy shared machine better than wall time
         if not keep_checkpoints:
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)

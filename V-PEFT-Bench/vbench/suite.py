@@ -13,6 +13,15 @@ or the tasks themselves, each with its own recipe (a task whose data a reader bu
       wordnet16: {recipe: recipes/lm_wordnet16.yaml, metric: accuracy, set: [data.batch_size=32]}
       lemmas: {recipe: recipes/lm_lemmas.yaml, metric: exact_match, method_set: {dora: [method.r=4]}}
 
+A written-out task may score each trained adapter again under edits of its saved config (``evals``, each a column
+of the tables beside the task's own score) and add harmonic means of its own score and an eval's (``harmonic``)::
+
+      base:                                # CLIP base-to-novel (configs/bench/clip_scenes.yaml)
+        recipe: ../clip/_scenes_b2n.yaml
+        evals: {novel: [data.options.classes=novel], held_out: [data.options.classes=held_out]}
+        harmonic: {HM: novel}
+        also_as: {16-shot: k_shot}         # its own score, again, as a column of the group k_shot
+
 and then, for both::
 
     seeds: [42, 44, 82, 100, 800]          # --seeds N runs the first N
@@ -22,6 +31,10 @@ and then, for both::
       frozen_0shot: {method: frozen, tasks: [lemmas], tune: false, seeds: 1}
       frozen_3shot: {method: frozen, tasks: [lemmas], set: [data.options.shots=3], tune: false}
     check: {method: lora, sigmas: 3}       # the leaderboard says per task whether lora beats the best baseline
+    variants: {lora_image: {method: lora, set: [model.head.adapt=image]}}   # --methods names of method settings
+    seed_keys: [data.options.seed]         # keys that take each run's seed too (a few-shot sampler's draw)
+    means: false                           # no group or overall means: a table per group (columns, not tasks)
+    published: {file: clip_base_to_novel.csv, note: "..."}   # V-PEFT-Bench/published, printed beside ours
     protocols:
       standard: {tune: [train800, val200], final: [train800val200, test], grid: {optim.lr: [1.0e-3, 5.0e-3]}}
       literature: {final: [train800val200, test], eval_every: 1}
@@ -73,6 +86,36 @@ class SuiteTask(_Strict):
     metric: str = "top1"  # the task's main metric (Task.metric): labels and file names of the leaderboard
     set: list[str] = []
     method_set: dict[str, list[str]] = {}  # overrides for one method on this task (after the suite's method_set)
+    # more scores of each trained adapter: name -> edits of its saved config, scored on the test split again (CLIP
+    # base-to-novel: {novel: [data.options.classes=novel]}); each is a column of its own, in the task's group
+    evals: dict[str, list[str]] = {}
+    # columns that are the harmonic mean of the task's own score and one of its evals, per seed ({HM: novel})
+    harmonic: dict[str, str] = {}
+    # the task's own score shown again as another column of another group ({16-shot: k_shot}: the base-to-novel
+    # task's base score is also the 16-shot point of the k-shot curve, from the same runs)
+    also_as: dict[str, str] = {}
+
+    def columns(self, name: str) -> list[tuple[str, str]]:
+        """The task's ``(column, group)`` in its group: its own score, then each eval followed by its harmonic
+        means (its ``also_as`` columns come after every task's, at the end of their groups)."""
+        own = [name, *(c for e in self.evals for c in (e, *(h for h, of in self.harmonic.items() if of == e)))]
+        return [(c, self.group) for c in own]
+
+
+class Variant(_Strict):
+    """A named way to run a method (``--methods lora_both``): ``method`` with ``set``; options after colons
+    (``lora_both:r=2``) come after ``set``."""
+
+    method: str
+    set: list[str] = []
+
+
+class Published(_Strict):
+    """Published numbers to print beside ours: ``file`` in ``V-PEFT-Bench/published`` (a ``method`` column, the
+    suite's column names, ``vpeft_method``: our row's label, ``source``) and what the reader must know (``note``)."""
+
+    file: str
+    note: str
 
 
 class Baseline(_Strict):
@@ -106,10 +149,14 @@ class Suite(_Strict):
     build: str | None = None  # a script that builds the data when data_root is missing (MiniVTAB)
     seeds: list[int] = Field(min_length=1)
     set: list[str] = []
+    seed_keys: list[str] = []  # keys set to each run's seed besides train.seed (the few-shot sampler's seed)
     method_set: dict[str, list[str]] = {}
+    variants: dict[str, Variant] = {}
     baselines: dict[str, Baseline] = {}
     check: Check | None = None
     caption: str | None = None  # what the leaderboard's numbers are (default: the VTAB wording)
+    means: bool = True  # false: no group or overall means (columns that are not tasks to average), a table per group
+    published: Published | None = None  # a written-out suite's published numbers (a table suite: <tasks>.csv)
     protocols: dict[str, Protocol]
 
     def recipe_path(self, recipe: str | None = None) -> Path:
@@ -128,9 +175,11 @@ class Suite(_Strict):
         return self.protocols[name]
 
     def task_table(self) -> list[tuple[str, str]]:
-        """``(task, group)`` of every task of the suite, in order."""
+        """``(column, group)`` of every column of the suite's tables in order: each task followed by its evals and
+        harmonic means (a written-out task's ``columns``), then the tasks' ``also_as`` columns."""
         if isinstance(self.tasks, dict):
-            return [(name, task.group) for name, task in self.tasks.items()]
+            own = [column for name, task in self.tasks.items() for column in task.columns(name)]
+            return own + [column for task in self.tasks.values() for column in task.also_as.items()]
         if self.tasks == "fgvc":
             return [(name, "fgvc") for name in FGVC]
         return [(t.name, t.group) for t in SUITES[self.tasks].values()]
@@ -174,13 +223,35 @@ def load_suite(name_or_path: str) -> Suite:
             if not suite.recipe_path(task.recipe).is_file():
                 raise MissingFileError(f"suite file {path}: tasks.{name}.recipe {suite.recipe_path(task.recipe)} "
                                        "does not exist")  # fmt: skip
-    known = [t for t, _ in suite.task_table()]
+    if isinstance(suite.tasks, dict):
+        _check_columns(suite, path)
+    if suite.published is not None and not (ROOT / "V-PEFT-Bench" / "published" / suite.published.file).is_file():
+        raise MissingFileError(f"suite file {path}: published.file {suite.published.file!r} is not a file in "
+                               f"{ROOT / 'V-PEFT-Bench' / 'published'}; name one of the CSV files there")  # fmt: skip
+    known = list(suite.tasks) if isinstance(suite.tasks, dict) else [t for t, _ in suite.task_table()]
     for name, baseline in suite.baselines.items():
         unknown = [t for t in baseline.tasks or () if t not in known]
         if unknown:
             raise ConfigError(f"suite file {path}: baselines.{name}.tasks {unknown} are not tasks of the suite "
                               f"({', '.join(known)})")  # fmt: skip
     return suite
+
+
+def _check_columns(suite: Suite, path: Path) -> None:
+    """Every column name once (an eval named like a task would mix two scores in one cell), harmonic means of evals
+    the task has."""
+    seen: dict[str, str] = {}
+    for name, task in suite.tasks.items():
+        for column, of in task.harmonic.items():
+            if of not in task.evals:
+                evals = ", ".join(task.evals) or "none"
+                raise ConfigError(f"suite file {path}: tasks.{name}.harmonic.{column} is the harmonic mean with "
+                                  f"{of!r}, which is not one of the task's evals ({evals})")  # fmt: skip
+        for column, _ in [*task.columns(name), *task.also_as.items()]:
+            if column in seen:
+                raise ConfigError(f"suite file {path}: column {column!r} of task {name!r} is also a column of task "
+                                  f"{seen[column]!r}; give evals and harmonic means names of their own")  # fmt: skip
+            seen[column] = name
 
 
 @dataclass(frozen=True)
@@ -194,6 +265,7 @@ class TaskRef:
     overrides: tuple[str, ...] = field(default=())
     recipe: Path | None = None
     method_set: dict[str, list[str]] = field(default_factory=dict)
+    evals: dict[str, list[str]] = field(default_factory=dict)  # name -> config edits, scored after training
 
 
 def _vtab_ref(task: VtabTask, data_root: Path) -> TaskRef:
@@ -219,7 +291,7 @@ def resolve_tasks(suite: Suite, names: list[str] | None, data_root: Path | None)
         for name in names or list(suite.tasks):
             task = lookup(suite.tasks, name, f"task of suite {suite.name!r}")
             recipe = suite.recipe_path(task.recipe)
-            refs.append(TaskRef(name, task.group, None, tuple(task.set), recipe, task.method_set))
+            refs.append(TaskRef(name, task.group, None, tuple(task.set), recipe, task.method_set, task.evals))
         return refs
     return [replace(ref, recipe=suite.recipe_path()) for ref in _table_tasks(suite, names, data_root)]
 

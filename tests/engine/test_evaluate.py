@@ -24,7 +24,7 @@ def test_test_tool_reproduces_the_training_runs_own_test_metrics(tmp_path):
 
     assert test_tool.main([str(tmp_path / "run")]) == 0
     again = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
-    assert again == {"split": "test", **summary["test"]}
+    assert again == {"split": "test", "test_size": summary["test_size"], **summary["test"]}
 
 
 class Probe(Task):

@@ -78,13 +78,15 @@ def class_names(run_dir: str | os.PathLike, run: Run) -> list[str]:
     return [str(c) for c in run.datasets["train"].classes]
 
 
-def evaluate_run(run_dir: str | os.PathLike, split: str | None = None) -> dict[str, Any]:
-    """``{"split": ..., **metrics}`` of the run's adapter on ``split`` (default: the config's test split).
+def evaluate_run(run_dir: str | os.PathLike, split: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``{"split": ..., "test_size": items, **metrics}`` of the run's adapter on ``split`` (default: the config's
+    test split), the saved config edited by ``overrides`` first (``data.options.classes=novel``: the same adapter
+    scored on other classes, as the base-to-novel protocol does).
 
     Runs on ``train.device`` with the run's ``train.amp`` autocast; under ``torchrun`` each process evaluates its
     share and the sums are added over the processes, as in training.
     """
-    run = open_run(run_dir, [f"data.test_split={split}"] if split else [])
+    run = open_run(run_dir, [*overrides, *([f"data.test_split={split}"] if split else [])])
     if "test" not in run.datasets:
         raise ConfigError(f"{Path(run_dir) / CONFIG}: data.test_split is not set; pass the split to evaluate.")
     dist = distributed.setup(run.cfg.train.device)
@@ -95,4 +97,4 @@ def evaluate_run(run_dir: str | os.PathLike, split: str | None = None) -> dict[s
         metrics = run.task.evaluate(run.model, loader, dist.device, autocast, dist.sum)
     finally:
         dist.close()
-    return {"split": run.cfg.data.test_split, **metrics}
+    return {"split": run.cfg.data.test_split, "test_size": len(run.datasets["test"]), **metrics}
