@@ -60,6 +60,18 @@ def test_template_runs_the_hooks_in_eval_mode_without_gradients_under_autocast()
     assert result["mean"] == pytest.approx(expected, rel=1e-2)  # bf16 matmuls; reduce scales both sums alike
 
 
+def test_idle_batches_run_the_model_but_are_not_counted():
+    # under FSDP a process with a smaller share of the split runs extra batches so its collectives match the others'
+    model = nn.Linear(3, 1)
+    batches = [{"x": torch.ones(2, 3)}, {"x": 2 * torch.ones(1, 3)}]
+    plain, padded = Probe(), Probe()
+    alone = plain.evaluate(model, batches, torch.device("cpu"))
+    idle = [{"x": 5 * torch.ones(4, 3)}] * 2
+    assert padded.evaluate(model, batches, torch.device("cpu"), idle=idle) == alone
+    assert len(padded.seen) == 4 and len(plain.seen) == 2  # the idle ones ran, in eval mode without gradients
+    assert padded.seen[2:] == [(False, False, False, torch.float32)] * 2
+
+
 def test_template_restores_the_mode_after_an_error():
     model = nn.Linear(3, 1).train()
     with pytest.raises(RuntimeError, match="boom"):

@@ -18,7 +18,9 @@ model is spread over the processes:
   until the backward pass has reduce-scattered their gradients (adapters are small: this costs little memory). The
   optimizer then steps on the slices; :meth:`Dist.full_tensors` gathers the adapter for saving, and the training
   checkpoint holds full tensors, so a run's files are those of a one-process run, load in one process, and
-  ``--resume`` continues an FSDP run exactly.
+  ``--resume`` continues an FSDP run exactly. Every forward pass of a sharded model is a collective, so in evaluation
+  every process runs as many batches (``engine.train.evaluate_split``) and a causal LM decodes in step
+  (``synced_gpus``).
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ def setup(device_name: str, parallel: str = "ddp") -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(world, rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), parallel)
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by :func:`shard` (its forward passes are collectives of all processes)."""
+    return isinstance(model, FSDPModule)
 
 
 def shard(model: nn.Module) -> None:

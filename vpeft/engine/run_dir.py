@@ -25,7 +25,7 @@ from ..errors import ConfigError, MissingFileError
 from ..tasks import Task, build_task
 from . import distributed
 from .config import RunConfig, load_config
-from .train import CLASSES, CONFIG, _autocast, _loader, build_run, seed_everything
+from .train import CLASSES, CONFIG, _autocast, build_run, evaluate_split, seed_everything
 
 ADAPTER = "adapter"
 
@@ -92,9 +92,8 @@ def evaluate_run(run_dir: str | os.PathLike, split: str | None = None, overrides
     dist = distributed.setup(run.cfg.train.device)
     try:
         run.model.to(dist.device)
-        loader = _loader(run.cfg, run.task, run.datasets["test"], False, dist)
         autocast = _autocast(run.cfg.train.amp, dist.device)
-        metrics = run.task.evaluate(run.model, loader, dist.device, autocast, dist.sum)
+        metrics = evaluate_split(run.cfg, run.task, run.model, run.datasets["test"], dist, autocast)
     finally:
         dist.close()
     return {"split": run.cfg.data.test_split, "test_size": len(run.datasets["test"]), **metrics}

@@ -118,31 +118,33 @@ def train(
     for epoch in range(counters["epoch"], cfg.train.epochs if trainable else 0):
         model.train()
         loader = _loader(cfg, task, datasets["train"], True, dist, epoch)
-        tic, seen, window = time.perf_counter(), 0, []  # window: losses of the micro-batches of one step
+        tic, seen = time.perf_counter(), 0
         epoch_losses = []
         quiet = None if dist.main else True  # None: tqdm shows a bar only when stderr is a terminal
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=quiet)
-        for i, batch in enumerate(bar):
-            batch = task.to_device(batch, device)
-            with autocast:
-                loss = task.loss(net, batch)
-                extra = vpeft.method_loss(model)
+        batches = iter(bar)
+        for _ in range(0, len(loader), cfg.optim.accumulate):
+            # one optimizer step: its micro-batches (fewer in a short last group) are read first, so that each can be
+            # weighted by its share of the step's loss terms over all processes before the first backward pass
+            group = list(itertools.islice(batches, cfg.optim.accumulate))
+            terms = [task.loss_terms(b) for b in group]
+            total = max(dist.sum(torch.tensor([float(sum(terms))], dtype=torch.float64)).item(), 1.0)
+            step_sum = torch.zeros(1, dtype=torch.float64, device=device)  # this process's share of the loss
+            for batch, count in zip(group, terms, strict=True):
+                batch = task.to_device(batch, device)
+                with autocast:
+                    loss = task.loss(net, batch)
+                    extra = vpeft.method_loss(model)
+                # DDP and FSDP average the processes' gradients, hence the factor world: the step's gradient is that
+                # of the mean over all its terms; a method's own loss counts once per step
+                objective = loss.mul(count * dist.world).div(total)
                 if extra is not None:
-                    loss = loss + extra
-            if not torch.isfinite(loss):
-                kept = (run_dir / CHECKPOINT).is_file()
-                raise DivergedError(
-                    f"loss is {loss.item()} at step {counters['step']} (epoch {epoch + 1}); stopped. "
-                    + (f"The last good checkpoint is {run_dir / CHECKPOINT}. " if kept else "No epoch had finished. ")
-                    + "Lower optim.lr or set optim.grad_clip."
-                )
-            # a short last group at the end of the epoch averages over its own micro-batches
-            group = min(cfg.optim.accumulate, len(loader) - i // cfg.optim.accumulate * cfg.optim.accumulate)
-            (scaler.scale(loss) if scaler else loss).div(group).backward()
-            seen += task.items(batch)
-            window.append(dist.sum(loss.detach().float().reshape(1)).item() / dist.world)
-            if (i + 1) % cfg.optim.accumulate and i + 1 != len(loader):
-                continue
+                    objective = objective + extra.div(len(group))
+                if not torch.isfinite(objective):
+                    raise diverged(run_dir, (loss if extra is None else loss + extra).item(), counters["step"], epoch)
+                (scaler.scale(objective) if scaler else objective).backward()
+                seen += task.items(batch)
+                step_sum += objective.detach().double()
             if not checked:
                 check_gradients(model)
                 checked = True
@@ -160,7 +162,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             counters["step"] += 1
             lr = optimizer.param_groups[0]["lr"]
-            step_loss, window = sum(window) / len(window), []
+            step_loss = dist.sum(step_sum).item() / dist.world
             epoch_losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
             if counters["step"] % cfg.train.log_every == 0 and dist.main:
@@ -174,7 +176,7 @@ def train(
         last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and counters["step"] >= cfg.train.max_steps)
         val = None
         if "val" in datasets and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-            val = task.evaluate(model, _loader(cfg, task, datasets["val"], False, dist), device, autocast, dist.sum)
+            val = evaluate_split(cfg, task, model, datasets["val"], dist, autocast)
             if dist.main:
                 metrics.log({"step": counters["step"], "epoch": epoch + 1, "split": "val", **val})
             if counters["best"] is None or val[task.metric] > counters["best"][task.metric]:
@@ -194,14 +196,14 @@ def train(
 
     if not trainable:
         if "val" in datasets:
-            val = task.evaluate(model, _loader(cfg, task, datasets["val"], False, dist), device, autocast, dist.sum)
+            val = evaluate_split(cfg, task, model, datasets["val"], dist, autocast)
             counters["best"] = {"epoch": 0, **val}
             if dist.main:
                 metrics.log({"step": 0, "epoch": 0, "split": "val", **val})
         if dist.main:
             vpeft.save_adapter(model, run_dir / "adapter")  # the method's record: tools/test.py reopens the run
             task.export(run_dir / "adapter")
-    test = task.evaluate(model, _loader(cfg, task, datasets["test"], False, dist), device, autocast, dist.sum)
+    test = evaluate_split(cfg, task, model, datasets["test"], dist, autocast)
     if dist.main:
         metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
         metrics.close()
@@ -230,6 +232,15 @@ def train(
         atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     dist.close()
     return summary
+
+
+def diverged(run_dir: Path, loss: float, step: int, epoch: int) -> DivergedError:
+    kept = (run_dir / CHECKPOINT).is_file()
+    return DivergedError(
+        f"loss is {loss} at step {step} (epoch {epoch + 1}); stopped. "
+        + (f"The last good checkpoint is {run_dir / CHECKPOINT}. " if kept else "No epoch had finished. ")
+        + "Lower optim.lr or set optim.grad_clip."
+    )
 
 
 def epoch_line(
@@ -271,6 +282,31 @@ def build_run(cfg: RunConfig) -> tuple[Task, nn.Module, dict[str, Any]]:
     task = build_task(cfg)
     model, datasets = task.build()
     return task, model, datasets
+
+
+def evaluate_split(
+    cfg: RunConfig,
+    task: Task,
+    model: nn.Module,
+    dataset: Any,
+    dist: distributed.Dist,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """The task's metrics on ``dataset``: each process evaluates its share (:func:`_loader`) and the sums are added.
+
+    A model sharded by FSDP gathers its tensors in every forward pass, a collective all processes must join: a process
+    whose share has fewer batches (the split does not divide evenly) then runs the split's first batch again, not
+    counted, until it has run as many as the others (``Task.evaluate``'s ``idle``). Without this the processes with
+    more batches wait forever for the others.
+    """
+    loader = _loader(cfg, task, dataset, False, dist)
+    idle: list[Any] = []
+    if distributed.sharded(model):
+        batch = cfg.data.eval_batch_size or cfg.data.batch_size
+        most = math.ceil(math.ceil(len(dataset) / dist.world) / batch)  # rank 0's share is the largest
+        if most > len(loader):
+            idle = [next(iter(_loader(cfg, task, dataset, False)))] * (most - len(loader))
+    return task.evaluate(model, loader, dist.device, autocast, dist.sum, idle=idle)
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:

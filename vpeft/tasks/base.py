@@ -4,7 +4,8 @@
 
     task = build_task(cfg)                           # TASKS[cfg.task](cfg)
     model, datasets = task.build()                   # backbone + head with pretrained weights, before any method
-    loss = task.loss(net, task.to_device(batch, device))      # one micro-batch, a scalar
+    loss = task.loss(net, task.to_device(batch, device))      # one micro-batch, a scalar: a mean over its terms
+    task.loss_terms(batch)                           # how many terms that mean is over (1: the batch is one term)
     metrics = task.evaluate(model, loader, device, autocast, reduce)   # dict; metrics[task.metric]: higher is better
     task.method_options(cfg.method.options)          # the options apply_method gets (a task may scope targets)
     task.items(batch)                                # images in a batch (throughput)
@@ -12,6 +13,13 @@
 
 Batches are whatever the task's datasets and ``collate`` produce; ``to_device`` moves tensors in tuples, lists and
 dicts. ``reduce`` sums a float64 tensor over data-parallel processes, so evaluation accumulates sums, not means.
+
+A training step's loss is the mean over all the terms of its micro-batches in all processes: the engine weights each
+micro-batch's ``loss`` by ``loss_terms(batch)`` over the step's total (summed over the micro-batches of
+``optim.accumulate`` and over the processes before the first backward pass). The causal LM counts answer tokens, so
+a step's loss and gradient are those of one process holding the whole global batch however the tokens fall on the
+processes (the ``transformers`` Trainer's ``num_items_in_batch`` with ``average_tokens_across_devices``); the default
+1 weighs every micro-batch alike (a mean of batch means, right where the batches are the same size).
 
 ``evaluate`` is one template for every task: eval mode (the previous mode restored afterwards, also after an error),
 no gradients, each batch moved to the device and handed to the task's :meth:`Task.accumulate` under ``autocast``,
@@ -22,6 +30,7 @@ hooks and :meth:`Task.start`, which makes the empty state of one evaluation.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -57,7 +66,13 @@ class Task:
         return self.build()[0]
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """One batch's training loss: a scalar, the mean over its :meth:`loss_terms` terms."""
         raise NotImplementedError
+
+    def loss_terms(self, batch: Any) -> int:
+        """How many terms :meth:`loss` averages over in ``batch`` (read before the forward pass, so from the batch
+        alone): the engine's weight of this micro-batch in its step. Default 1: each micro-batch counts alike."""
+        return 1
 
     def method_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options the run's method is applied with: the config's, and what the task adds (the CLIP task scopes
@@ -71,17 +86,25 @@ class Task:
         device: torch.device,
         autocast: contextlib.AbstractContextManager | None = None,
         reduce: Reduce | None = None,
+        idle: Iterable[Any] = (),
     ) -> dict[str, float]:
-        """Metrics of ``model`` over ``loader``; ``reduce`` sums over data-parallel processes (None: one process)."""
+        """Metrics of ``model`` over ``loader``; ``reduce`` sums over data-parallel processes (None: one process).
+
+        ``idle``: batches run after ``loader`` and not counted. A model sharded by FSDP gathers its tensors in each
+        forward pass, a collective that every process must join, so a process whose share of the split has fewer
+        batches runs as many passes as the others (the engine hands it copies of a batch).
+        """
         was_training = model.training
         model.eval()
         try:
-            state = self.start(model, device)
+            state, spare = self.start(model, device), None
             with torch.no_grad():
-                for batch in loader:
+                for batch, counted in itertools.chain(((b, True) for b in loader), ((b, False) for b in idle)):
                     batch = self.to_device(batch, device)
+                    if not counted and spare is None:
+                        spare = self.start(model, device)
                     with autocast or contextlib.nullcontext():
-                        self.accumulate(state, model, batch)
+                        self.accumulate(state if counted else spare, model, batch)
         finally:
             model.train(was_training)
         return self.summarise(state, reduce or _one_process)

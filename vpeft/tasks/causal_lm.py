@@ -12,7 +12,9 @@ end-of-turn token; without it the prompt is followed by a newline and the answer
 puts k demonstrations (prompt and first answer of training items, drawn with ``train.seed`` and fixed per item)
 before the prompt: the in-context baselines (method ``frozen``).
 
-Training labels are -100 on the prompt and the padding: the loss is the mean cross-entropy over answer tokens.
+Training labels are -100 on the prompt and the padding: the loss is the mean cross-entropy over answer tokens, those
+of a whole optimizer step (``loss_terms``: over the micro-batches of ``optim.accumulate`` and the data-parallel
+processes, as one process holding the global batch computes it).
 Evaluation: ``exact_match`` (percent; greedy ``generate()`` from the left-padded prompt, at most
 ``data.options.max_new_tokens`` tokens; the reply, or with ``data.options.answer_pattern`` (a regular expression) its
 last match, the group where it has one, is compared after strip and lower-casing with each accepted answer of the
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import Dataset
 
 from ..backbones.hf import load_language_model
@@ -184,6 +187,10 @@ class CausalLMTask(Task):
         nll, count = self.answer_nll(model, batch)
         return nll / count.clamp(min=1)
 
+    def loss_terms(self, batch: dict[str, Any]) -> int:
+        """The answer tokens: a step's loss is the mean over every answer token of its micro-batches and processes."""
+        return int((batch["labels"] != -100).sum())
+
     def start(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         return torch.zeros(4, dtype=torch.float64)  # answer NLL sum, answer tokens, exact matches, items
 
@@ -206,9 +213,12 @@ class CausalLMTask(Task):
         return normalise(last.group(1) if self.answer_pattern.groups else last.group(0))
 
     def generate(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, end_ids: list[int]) -> list[str]:
-        """Greedy replies to left-padded prompts, decoded without special tokens."""
+        """Greedy replies to left-padded prompts, decoded without special tokens. A model sharded by FSDP (each
+        forward pass a collective) decodes in step with the other processes until all have finished (``synced_gpus``;
+        ``transformers`` sets it by itself only for the models it sharded)."""
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
-                             eos_token_id=list(end_ids), pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+                             eos_token_id=list(end_ids), pad_token_id=self.tokenizer.pad_token_id,
+                             synced_gpus=isinstance(model, FSDPModule))  # fmt: skip
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
     def summarise(self, state: torch.Tensor, reduce: Reduce) -> dict[str, float]:
