@@ -35,8 +35,8 @@ whole-module LoRA on every module that has ``lora_A``/``lora_B`` tensors, with t
 
 Not expressible, and refused with an error that says so: methods outside the LoRA family (IA3 and VeRA export through
 ``hf_peft_vectors``), LoRA on ``nn.MultiheadAttention`` (Hugging Face PEFT adapts its in- and out-projections
-together, with its own tensor layout), Conv2d with dilation or groups, and on import LoRA variants vpeft lacks (``lora_bias``, embeddings,
-``target_parameters``, trainable tokens, per-module ranks or scales).
+together, with its own tensor layout), Conv2d with dilation or groups, and on import LoRA variants vpeft lacks
+(``lora_bias``, embeddings, ``target_parameters``, trainable tokens, per-module ranks or scales).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
+
 import torch
 from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
