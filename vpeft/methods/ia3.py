@@ -18,17 +18,20 @@ HF PEFT's defaults differ on two model types, and the same options reproduce the
 
 * BERT: ``targets=("key", "value", "output.dense"), feedforward=("output.dense",)``. ``output.dense`` is a suffix of
   ``attention.output.dense`` too, so PEFT also scales the input of the attention output projection (the concatenated
-  heads: the same coordinates as ``l_v``, since attention weights sum to one). On all-MiniLM-L6-v2 that is
+  heads, linear in the values: a second vector on the coordinates of ``l_v``). On all-MiniLM-L6-v2 that is
   6 * (384 + 384 + 384 + 1536) = 16,128 parameters, PEFT's count; vpeft's defaults give 6 * (384 + 384 + 1536) =
   13,824.
 * GPT-2: ``targets=("attn.c_attn", "mlp.c_proj"), feedforward=("mlp.c_proj",)``: PEFT scales the whole fused
   ``c_attn`` output, the queries included (3 * 768 per block on GPT-2 small); vpeft's roles scale only its k and v
   column slices.
 
-Departures from the official code (``r-three/t-few``, ``src/models/lora.py`` with ``lora_scaling_rank=1``): T-Few
-trains the vectors with its unlikelihood and length-normalised losses and, for T0, pre-trains them on multitask data;
-both are recipes outside this layer. Its T5 targets (``k``, ``v``, ``wi_1``) are encoder-decoder names; the roles
-above are the same places in BERT, GPT-2, Llama and ViT (``attn.qkv[k]``, ``attn.qkv[v]``, ``mlp.fc2``).
+The official code (``r-three/t-few``: ``src/models/lora.py``, ``LoRALinear`` with ``lora_scaling_rank=1``,
+``lora_rank=0``; ``configs/ia3.json``) trains output vectors (``multi_lora_b``, ones) on T5's ``k``, ``v`` and
+``wi_1``: ``wi_1`` is the linear branch of T5 v1.1's gated FFN, ``wo(act(wi_0 x) * wi_1 x)``, so scaling its output is
+scaling the intermediate activation, the paper's l_ff. vpeft scales the input of the FFN's second linear instead, which
+is the same l_ff for gated and plain FFNs alike (BERT, GPT-2 and ViT have no linear branch to scale). Its recipe
+(lr 3e-3, 1,000 steps, the unlikelihood and length-normalised losses, multitask pre-training of the vectors for T0) is
+outside this layer. ViT-B/16 at the defaults: 12 * (768 + 768 + 3072) = 55,296 parameters.
 
 Wraps Linear (and HF Conv1D) and fused-projection slices; an input (feedforward) vector on a slice is refused, as it
 would rescale the input of the other slices too.

@@ -6,7 +6,7 @@ Adaptation", ICLR 2024, arXiv:2310.11454), eq. 1:
 Only the per-layer vectors are trained: ``d`` (``Lambda_d = diag(d)``, r entries, initialised to ``d_initial``) and
 ``b`` (``Lambda_b = diag(b)``, d_out entries, zeros), so the adapted model equals the base model at initialisation
 and ``W0 + diag(b) B diag(d) A`` merges exactly. Parameters: ``r + d_out`` per target; on all-MiniLM-L6-v2 q and v
-at r = 256: 6 * 2 * (256 + 384) = 7,680.
+at r = 256: 6 * 2 * (256 + 384) = 7,680 (PEFT's count); on ViT-B/16 q and v: 12 * 2 * (256 + 768) = 24,576.
 
 The shared pair is HF PEFT's (``peft/tuners/vera/model.py``): one A of shape ``(r, max d_in)`` and one B of shape
 ``(max d_out, r)`` over all targets, each target reading the leading block ``A[:, :d_in]``, ``B[:d_out, :]``. Both are
