@@ -12,6 +12,7 @@ import torch
 
 import vpeft
 from vpeft.core import adapter_record, shared_of
+from vpeft.errors import ConfigError
 
 from ..conftest import perturb
 from .equivalence import peft, train_side_by_side
@@ -125,3 +126,11 @@ def test_vera_minilm_count_at_r256_on_q_v(minilm_encoder):
     ours = vpeft.apply_method(copy.deepcopy(minilm_encoder), "vera")  # defaults: r = 256 on q and v
     assert ours.trainable == 6 * 2 * (256 + 384) == 7_680
     assert ours.trainable == peft_trainable(minilm_encoder, peft.VeraConfig(r=256, target_modules=["query", "value"]))
+
+
+def test_vera_on_fused_slices_is_refused_by_export_and_nothing_is_written(tmp_path):
+    model = TINY_LMS["gpt2"]()
+    vpeft.apply_method(model, "vera", r=16)  # roles q, v: slices of c_attn, each with its own d
+    with pytest.raises(ConfigError, match=r"one d vector per module.*targets=\['c_attn'\]"):
+        vpeft.export_hf_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
