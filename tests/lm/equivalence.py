@@ -10,7 +10,7 @@
 3. Both take the same AdamW steps on the same batches; the logits of every step and the trained tensors must agree.
 4. vpeft's trained adapter, exported with ``vpeft.export_hf_peft``, loads in ``peft`` and gives the same logits.
 
-The coming LM methods that HF PEFT also has reuse this with their own mapping entries.
+IA3 and VeRA reuse it with their own mapping entries (tests/lm/test_vector_methods_peft.py).
 """
 
 from __future__ import annotations
