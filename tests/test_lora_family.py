@@ -59,6 +59,8 @@ def test_a_variant_with_other_math_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(METHODS, "gated_lora", GatedLoRA)
     model = tiny_vit()
     vpeft.apply_method(model, "gated_lora")
-    with pytest.raises(ValueError, match=r"only the LoRA family \(lora, dora[^)]*\) has a PEFT LoRA counterpart"):
+    with pytest.raises(
+        ValueError, match=r"only the LoRA family \(lora, dora[^)]*\), ia3 and vera have PEFT counterparts"
+    ):
         vpeft.export_hf_peft(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -3,12 +3,14 @@
     report = train_side_by_side(tiny_llama, "dora", {"dropout": 0.0}, peft.LoraConfig(r=8, use_dora=True, ...))
 
 1. The same base model is copied twice; vpeft applies its method to one, ``peft.get_peft_model`` to the other.
-2. vpeft's initial adapter values are copied into the peft model (``PEFT_NAMES`` maps vpeft's logical keys, the keys
-   of its adapter files, to peft's parameter names), so both start from one point whatever each library's init.
+2. vpeft's initial trainable values are copied into the peft model (``PEFT_NAMES`` maps vpeft's logical keys, the
+   keys of its adapter files, to peft's parameter names), so both start from one point whatever each library's init.
+   Frozen adapter tensors (VeRA's shared random projections) are not copied: each library makes its own, and the
+   logits agree only if they are the same.
 3. Both take the same AdamW steps on the same batches; the logits of every step and the trained tensors must agree.
 4. vpeft's trained adapter, exported with ``vpeft.export_hf_peft``, loads in ``peft`` and gives the same logits.
 
-The coming LM methods that HF PEFT also has reuse this with their own mapping entries.
+IA3 and VeRA reuse it with their own mapping entries (tests/lm/test_vector_methods_peft.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ PEFT_NAMES: list[tuple[str, str]] = [
     (r"^(?P<path>.+)\.all\.lora_A$", r"\g<path>.lora_A.default.weight"),
     (r"^(?P<path>.+)\.all\.lora_B$", r"\g<path>.lora_B.default.weight"),
     (r"^(?P<path>.+)\.all\.magnitude$", r"\g<path>.lora_magnitude_vector.default.weight"),
+    (r"^(?P<path>.+)\.all\.ia3_l$", r"\g<path>.ia3_l.default"),  # vpeft (n,), peft (out, 1) or (1, in)
+    (r"^(?P<path>.+)\.all\.vera_lambda_(?P<v>[bd])$", r"\g<path>.vera_lambda_\g<v>.default"),
     (r"^(?P<head>.+)\.(?P<tensor>weight|bias)$", r"\g<head>.modules_to_save.default.\g<tensor>"),  # a head copy
 ]
 
@@ -70,11 +74,12 @@ def train_side_by_side(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
-    ours_tensors = adapter_tensors(ours, "default")
+    ours_tensors = {k: v for k, v in adapter_tensors(ours, "default").items() if v.requires_grad}
     their_params = dict(theirs.named_parameters())
     with torch.no_grad():
         for key, value in ours_tensors.items():
-            their_params[peft_name(key)].copy_(value)
+            their = their_params[peft_name(key)]
+            their.copy_(value.reshape(their.shape))
     trained = {n for n, p in theirs.named_parameters() if p.requires_grad}
     assert trained == {peft_name(k) for k in ours_tensors}, "the two libraries train different tensors"
 
@@ -94,7 +99,9 @@ def train_side_by_side(
         report.logit_diffs.append((outputs[0] - outputs[1]).abs().max().item())
     report.moved = (outputs[0] - start).abs().max().item()
     their_params = dict(theirs.named_parameters())
-    report.tensor_diff = max((v - their_params[peft_name(k)]).abs().max().item() for k, v in ours_tensors.items())
+    report.tensor_diff = max(
+        (v - their_params[peft_name(k)].reshape(v.shape)).abs().max().item() for k, v in ours_tensors.items()
+    )
     if export_dir is not None:
         vpeft.export_hf_peft(ours, export_dir)
         with warnings.catch_warnings():

@@ -33,10 +33,10 @@ tensors. Without it (a directory written by Hugging Face PEFT itself, or retrain
 whole-module LoRA on every module that has ``lora_A``/``lora_B`` tensors, with the saved scale, and the saved
 ``modules_to_save`` tensors become the vpeft head copy. Pickled ``adapter_model.bin`` files are refused, never loaded.
 
-Not expressible, and refused with an error that says so: methods outside the LoRA family, LoRA on
-``nn.MultiheadAttention`` (Hugging Face PEFT adapts its in- and out-projections together, with its own tensor
-layout), Conv2d with dilation or groups, and on import LoRA variants vpeft lacks (``lora_bias``, embeddings,
-``target_parameters``, trainable tokens, per-module ranks or scales).
+Not expressible, and refused with an error that says so: methods outside the LoRA family (IA3 and VeRA export through
+``hf_peft_vectors``), LoRA on ``nn.MultiheadAttention`` (Hugging Face PEFT adapts its in- and out-projections
+together, with its own tensor layout), Conv2d with dilation or groups, and on import LoRA variants vpeft lacks
+(``lora_bias``, embeddings, ``target_parameters``, trainable tokens, per-module ranks or scales).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     if flags is None:
         raise ConfigError(
             f"cannot export adapter {name!r} (method {record.method!r}) to Hugging Face PEFT: only the LoRA family "
-            f"({', '.join(_lora_family())}) has a PEFT LoRA counterpart; save it with vpeft.save_adapter instead."
+            f"({', '.join(_lora_family())}), ia3 and vera have PEFT counterparts; save it with vpeft.save_adapter."
         )
     use_dora = flags["use_dora"]
     modules = dict(walk(model))

@@ -16,6 +16,8 @@ from . import (
     dvpt,
     earth_adapter,
     fact,
+    ffa_lora,
+    ia3,
     ln_tune,
     lora,
     repadapter,
@@ -23,6 +25,7 @@ from . import (
     soma,
     spt,
     ssf,
+    vera,
     vpt,
 )
 from ._registry import METHODS
@@ -52,6 +55,9 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "salt": salt.SALT,
     "comp_lora": comp_lora.CompLoRA,
     "coop": coop.CoOp,
+    "ia3": ia3.IA3,
+    "vera": vera.VeRA,
+    "ffa_lora": ffa_lora.FFALoRA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -63,4 +69,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
+    "layer-level language-model methods": ("ia3", "vera", "ffa_lora"),
 }
