@@ -22,6 +22,7 @@ from . import (
     ln_tune,
     lora,
     repadapter,
+    s2_lora,
     salt,
     soma,
     spt,
@@ -60,6 +61,7 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "vera": vera.VeRA,
     "ffa_lora": ffa_lora.FFALoRA,
     "dylora": dylora.DyLoRA,
+    "s2_lora": s2_lora.S2LoRA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -71,5 +73,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
-    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora"),
+    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora"),
 }
