@@ -18,6 +18,7 @@ from . import (
     earth_adapter,
     fact,
     ffa_lora,
+    hut,
     ia3,
     ln_tune,
     lora,
@@ -62,6 +63,7 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "ffa_lora": ffa_lora.FFALoRA,
     "dylora": dylora.DyLoRA,
     "s2_lora": s2_lora.S2LoRA,
+    "hut": hut.HUT,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -73,5 +75,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
-    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora"),
+    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
 }
