@@ -1,13 +1,12 @@
 """DyLoRA: dynamic search-free low-rank adaptation (Valipour, Rezagholizadeh, Kobyzev and Ghodsi, "DyLoRA: Parameter
-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation", EACL 2023, arXiv:2210.07558),
-section 3 and Algorithm 1:
+Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation", EACL 2023, arXiv:2210.07558):
 
     b ~ p_B = Uniform{1, ..., r}  (one rank per training step, shared by every target)
     h = W0 x + (alpha / b) B[:, :b] A[:b, :] x,    A in R^{r x d_in} (Kaiming-uniform), B in R^{d_out x r} (zeros)
 
 so one training run orders the rank-one components of a LoRA by importance (nested dropout): the adapter truncated to
-any rank b <= r is a LoRA of rank b, with no search over r. In the paper's "frozen" mode (Algorithm 1, the official
-code's training default) only row b of A and column b of B receive the gradient of a step; rows < b are used but
+any rank b <= r is a LoRA of rank b, with no search over r. In "frozen" mode (the official GLUE script trains with
+``set_rank(b, frozen=True)``) only row b of A and column b of B receive the gradient of a step; rows < b are used but
 detached. ``frozen=False`` trains all of the first b rows and columns. Outside training the adapter runs at
 ``eval_rank`` (default r), and merges, saves and exports there: ``W0 + (alpha / b) B[:, :b] A[:b]`` is exact, and a
 DyLoRA at rank b exports to Hugging Face PEFT as a plain LoRA of rank b with ``lora_alpha = alpha``. Parameters are
@@ -25,7 +24,8 @@ Defaults: LoRA's (r = 8 on q and v, dropout 0.1) with the paper's GLUE setting a
 Departures from the official code (``huawei-noah/Efficient-NLP``, ``DyLoRA/loralib``): it scales both truncated
 factors by ``sqrt(r / b)`` on top of LoRA's ``alpha / r``; the product is the same ``alpha / b`` applied here once.
 It draws the rank from torch's global generator; here the rank of step s is drawn from a generator seeded with
-(``seed``, s), so a run's ranks do not depend on, or disturb, any other random draw. Its evaluation rank is the last
+(``seed``, s), so a run's ranks do not depend on, or disturb, any other random draw, and every process of a
+distributed run trains the same rank. Its evaluation rank is the last
 rank drawn in training unless set; here it is ``eval_rank``. Wraps Linear (and HF Conv1D) and fused-projection
 slices; DP-DyLoRA's server-side rank per round is a federated recipe outside this layer.
 
@@ -62,7 +62,7 @@ from .lora import LoRA, LoRAConfig
 class DyLoRAConfig(LoRAConfig):
     alpha: FiniteFloat = 16.0  # the update at rank b is scaled by alpha / b
     eval_rank: PositiveInt | None = None  # the rank outside training (merge, save, export); None: r
-    frozen: bool = True  # train only row/column b of the step's rank b (the paper's Algorithm 1)
+    frozen: bool = True  # train only row/column b of the step's rank b (the official code's setting)
     seed: NonNegativeInt = 0  # the rank of step s is drawn from a generator seeded with (seed, s)
 
     def check(self) -> None:
