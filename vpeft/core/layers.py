@@ -61,9 +61,9 @@ class AdapterModule(nn.Module):
     needs_calibration: ClassVar[bool] = False  # prepare() needs data batches
     trains: ClassVar[bool] = True  # False for a reference point that evaluates the model as it is (frozen)
     no_weight_decay: ClassVar[tuple[str, ...]] = ()  # own parameter names kept out of weight decay (prompt tokens)
-    # The LoRA family: "lora" when each module is a low-rank update y + scale * B A dropout(x) held as ``lora_A``
-    # (r, in[, kh, kw]), ``lora_B`` (out, r), ``scale`` and ``dropout``; "dora" when it is DoRA's decomposition of one
-    # (plus ``magnitude``). Converters to LoRA file formats (vpeft.interop) export what declares a variant, so a
+    # The LoRA family: "lora" when each module is a low-rank update y + scale * B A dropout(x) that ``lora_factors()``
+    # returns as (A (r, in[, kh, kw]), B (out, r), scale), with a ``dropout``; "dora" when it is DoRA's decomposition
+    # of one (plus ``magnitude``). Converters to LoRA file formats (vpeft.interop) export what declares a variant, so a
     # subclass of LoRA exports as LoRA unless its math differs, in which case it declares its own variant or None.
     lora_variant: ClassVar[str | None] = None
 

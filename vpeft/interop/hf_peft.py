@@ -24,14 +24,14 @@ LoRA dropout                                     ``lora_dropout``
 ``target_modules`` lists the exact logical module paths (a full-match regex when a path is also the suffix of another
 module's path); modules whose rank or scale differs from the most common one go to ``rank_pattern`` /
 ``alpha_pattern``. The zero blocks make the fused export exact: the k rows get ``+ 0`` and each slice gets its own
-update, so ``PeftModel.from_pretrained(base, directory)`` computes what the vpeft model computes.
-
-Export also writes ``vpeft_export.json``: the vpeft method, options, target keys, heads and, per exported module,
-which rows and rank columns each vpeft part occupies, plus the SHA-256 of the weights file. When it is present and the
-weights file still matches, :func:`import_hf_peft` rebuilds the original (sliced) vpeft adapter with the very same
-tensors. Without it (a directory written by Hugging Face PEFT itself, or retrained and saved again), import builds a
-whole-module LoRA on every module that has ``lora_A``/``lora_B`` tensors, with the saved scale, and the saved
-``modules_to_save`` tensors become the vpeft head copy. Pickled ``adapter_model.bin`` files are refused, never loaded.
+update, so ``PeftModel.from_pretrained(base, directory)`` computes what the vpeft model computes. A DyLoRA adapter
+exports as the LoRA it is at its evaluation rank. Export also writes ``vpeft_export.json``: the vpeft method, options,
+target keys, heads and, per exported module, which rows and rank columns each vpeft part occupies, plus the SHA-256 of
+the weights file. When it is present and the weights file still matches, :func:`import_hf_peft` rebuilds the original
+(sliced) vpeft adapter with the very same tensors. Without it (a directory written by Hugging Face PEFT itself, or
+retrained and saved again), import builds a whole-module LoRA on every module that has ``lora_A``/``lora_B`` tensors,
+with the saved scale, and the saved ``modules_to_save`` tensors become the head copy. Pickled ``adapter_model.bin``
+files are refused, never loaded.
 
 Not expressible, and refused with an error that says so: methods outside the LoRA family (IA3 and VeRA export through
 ``hf_peft_vectors``), LoRA on ``nn.MultiheadAttention`` (Hugging Face PEFT adapts its in- and out-projections
@@ -168,13 +168,14 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
         "layers_pattern": None,
     }
     blob = save_bytes(tensors, metadata={"format": "pt"})
+    as_lora = getattr(record.method_cls, "as_lora", None)
     sidecar = {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
         "vpeft_version": __version__,
         "adapter_name": name,
-        "method": record.method,
-        "options": config_to_dict(record.config),
+        "method": "lora" if as_lora else record.method,  # DyLoRA: the LoRA it is at its evaluation rank
+        "options": config_to_dict(as_lora(record.config) if as_lora else record.config),
         "targets": record.targets,
         "heads": record.heads,
         "modules": layout,
@@ -218,19 +219,18 @@ def _export_module(adapted: AdaptedModule, use_dora: bool) -> tuple[dict[str, Te
     out_full = weight.shape[0]
     a_list, b_list, info_parts = [], [], []
     scales, dropouts = set(), set()
-    col = 0
-    magnitude = None
+    col, magnitude = 0, None
     for part in (p for p in PART_ORDER if p in parts):
         module = parts[part]
-        a, b = module.lora_A.detach(), module.lora_B.detach()
-        b = b.reshape(b.shape[0], -1)  # conv B may be stored (out, r) or (out, r, 1, 1)
+        a, b, scale = module.lora_factors()  # the update as it runs outside training (DyLoRA: at its eval rank)
+        a, b = a.detach(), b.detach().reshape(b.shape[0], -1)  # conv B may be stored (out, r) or (out, r, 1, 1)
         rank = a.shape[0]
         rows = slice(0, out_full) if part == WHOLE else adapted.slices[part]
         full_b = torch.zeros(out_full, rank, dtype=b.dtype, device=b.device)
         full_b[rows] = b
         a_list.append(a)
         b_list.append(full_b)
-        scales.add(float(module.scale))
+        scales.add(float(scale))
         dropouts.add(float(getattr(module.dropout, "p", 0.0)))
         info_parts.append({"part": part, "rows": [rows.start, rows.stop], "cols": [col, col + rank]})
         col += rank

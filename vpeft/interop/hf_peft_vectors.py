@@ -56,8 +56,8 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     """Write adapter ``adapter_name`` (default: the active one) as a Hugging Face PEFT directory.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces the vpeft model's outputs. The LoRA
-    family exports as LoRA (``lora``, ``dora`` as ``use_dora``, ``ffa_lora``; see :mod:`vpeft.interop.hf_peft`),
-    ``ia3`` as IA3 and ``vera`` as VeRA (see this module's docstring).
+    family exports as LoRA (``lora``, ``dora`` as ``use_dora``, ``ffa_lora``, ``dylora`` at its evaluation rank; see
+    :mod:`vpeft.interop.hf_peft`), ``ia3`` as IA3 and ``vera`` as VeRA (see this module's docstring).
     """
     name, record = unmerged_adapter(model, adapter_name, "exporting")
     if issubclass(record.method_cls, IA3):

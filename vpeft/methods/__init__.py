@@ -14,13 +14,16 @@ from . import (
     coop,
     dora,
     dvpt,
+    dylora,
     earth_adapter,
     fact,
     ffa_lora,
+    hut,
     ia3,
     ln_tune,
     lora,
     repadapter,
+    s2_lora,
     salt,
     soma,
     spt,
@@ -58,6 +61,9 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "ia3": ia3.IA3,
     "vera": vera.VeRA,
     "ffa_lora": ffa_lora.FFALoRA,
+    "dylora": dylora.DyLoRA,
+    "s2_lora": s2_lora.S2LoRA,
+    "hut": hut.HUT,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -69,5 +75,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
-    "layer-level language-model methods": ("ia3", "vera", "ffa_lora"),
+    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
 }

@@ -94,6 +94,11 @@ class LoRA(AdapterModule):
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, rank), block_b.T)  # (N, out): y + h B^T, one op
         return out.view(y.shape)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scale)`` of the update as it runs outside training; what file converters write (DyLoRA: at its
+        evaluation rank)."""
+        return self.lora_A, self.lora_B, self.scale
+
     def delta_weight(self) -> Tensor:
         delta = self.lora_B @ self.lora_A.flatten(1)  # (out, in * kh * kw)
         return self.scale * delta.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
