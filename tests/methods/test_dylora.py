@@ -20,17 +20,9 @@ from vpeft.errors import UserError
 from vpeft.methods.dylora import DyLoRA, DyLoRAConfig, draw_rank, set_eval_rank
 
 from ..lm.models import VOCAB, batches, task_loss, tiny_llama
+from ._two_layers import TwoLayers
 
 R, ALPHA = 4, 6.0
-
-
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def adapted(**options) -> tuple[nn.Module, nn.Module]:

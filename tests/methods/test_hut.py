@@ -15,17 +15,9 @@ from vpeft.core import layers_of
 from vpeft.errors import UserError
 
 from ..lm.models import batches, task_loss, tiny_gpt2
+from ._two_layers import TwoLayers
 
 R, ALPHA = 3, 6.0
-
-
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def adapted() -> tuple[nn.Module, nn.Module]:

@@ -14,19 +14,12 @@ from torch import nn
 import vpeft
 from vpeft.core import shared_of
 
-
-class TwoLayers(nn.Module):  # not an nn.Sequential: the shared projections become a child module of the model
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 4), nn.Linear(4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
+from ._two_layers import TwoLayers
 
 
 def two_layers() -> nn.Module:
     torch.manual_seed(0)
-    return TwoLayers()
+    return TwoLayers(hidden=4, d_out=5)
 
 
 def randomised(model: nn.Module) -> nn.Module:
