@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,27 @@ import timm
 import torch
 
 from vpeft.data.system import system_data
+from vpeft.engine import train as engine
+
+
+class Interrupt(Exception):
+    """A training run killed from outside, as by a crash or Ctrl-C (raised by :func:`killed_at_epoch`)."""
+
+
+@contextlib.contextmanager
+def killed_at_epoch(epoch: int = 1) -> Iterator[None]:
+    """The training run inside dies when it builds the training loader of ``epoch`` (0-based), so the checkpoint of
+    the epoch before is the last one written; the block must end in that ``Interrupt``."""
+    real_loader = engine._loader
+
+    def dying_loader(cfg, task, dataset, train, dist=None, at=0):
+        if train and at == epoch:
+            raise Interrupt
+        return real_loader(cfg, task, dataset, train, dist, at)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupt):
+        patch.setattr(engine, "_loader", dying_loader)
+        yield
 
 
 def perturb(model: torch.nn.Module) -> None:

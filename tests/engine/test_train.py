@@ -25,6 +25,8 @@ from vpeft.engine.optim import cosine_with_warmup, param_groups
 from vpeft.errors import ConfigError
 from vpeft.tasks.classification import build_model
 
+from ..conftest import Interrupt, killed_at_epoch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = """
@@ -77,10 +79,6 @@ def test_run_directory_summary_and_test_tool(tmp_path):
     assert again["top1"] == pytest.approx(summary["test"]["top1"]) and again["loss"] == pytest.approx(
         summary["test"]["loss"], rel=1e-5
     )
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -274,7 +272,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_resume_uses_the_run_config_and_a_finished_run_is_left_as_it_is(tmp_path, monkeypatch, caplog):
+def test_resume_uses_the_run_config_and_a_finished_run_is_left_as_it_is(tmp_path, caplog):
     import tools.train as train_tool
 
     path = tmp_path / "tiny.yaml"
@@ -282,17 +280,8 @@ def test_resume_uses_the_run_config_and_a_finished_run_is_left_as_it_is(tmp_path
     sets = ["--set", "optim.lr=5e-3", "method.r=4"]
     train_tool.main([str(path), *sets, "--work-dir", str(tmp_path / "whole")])
 
-    real_loader = engine._loader
-
-    def dying_loader(cfg, task, dataset, train, dist=None, epoch=0):
-        if train and epoch == 1:
-            raise Interrupt  # killed at the start of the second epoch, after the first checkpoint
-        return real_loader(cfg, task, dataset, train, dist, epoch)
-
-    monkeypatch.setattr(engine, "_loader", dying_loader)
-    with pytest.raises(Interrupt):
+    with killed_at_epoch(1):  # after the first epoch's checkpoint
         train_tool.main([str(path), *sets, "--work-dir", str(tmp_path / "split")])
-    monkeypatch.setattr(engine, "_loader", real_loader)
     split = tmp_path / "split"
     # the file alone gives the run's config back: the first call's overrides come from origin.json
     assert config_diff(engine.resume_config(split, path)[0], load_config(split / "config.yaml")) == []

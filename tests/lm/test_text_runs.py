@@ -13,6 +13,7 @@ import vpeft
 from vpeft.engine import train as engine
 from vpeft.errors import ConfigError, DataError, MissingFileError
 
+from ..conftest import killed_at_epoch
 from .test_text_tasks import (
     bert_folder,
     built,
@@ -41,27 +42,14 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_an_interrupted_lm_run_resumed_equals_the_whole_run_and_test_tool_reproduces_it(
-    tmp_path, llama_dir, lemma_data, monkeypatch, one_thread
+    tmp_path, llama_dir, lemma_data, one_thread
 ):
     whole = engine.train(causal_config(tmp_path, llama_dir, lemma_data), tmp_path / "whole")
     assert whole["metric"] == "exact_match" and set(whole["test"]) == {"loss", "exact_match", "answer_ppl"}
     assert whole["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))  # LoRA r=4 on q (32->32) and v (32->16)
-    real_loader = engine._loader
-
-    def dying_loader(cfg, task, dataset, train, dist=None, epoch=0):
-        if train and epoch == 1:
-            raise Interrupt  # killed at the start of the second epoch, after the first checkpoint
-        return real_loader(cfg, task, dataset, train, dist, epoch)
-
-    monkeypatch.setattr(engine, "_loader", dying_loader)
-    with pytest.raises(Interrupt):
+    with killed_at_epoch(1):  # after the first epoch's checkpoint
         engine.train(causal_config(tmp_path, llama_dir, lemma_data), tmp_path / "split")
-    monkeypatch.setattr(engine, "_loader", real_loader)
     resumed = engine.train(causal_config(tmp_path, llama_dir, lemma_data), tmp_path / "split", resume=True)
     assert records(tmp_path / "split") == records(tmp_path / "whole")
     assert resumed["test"] == whole["test"]
