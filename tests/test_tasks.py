@@ -70,6 +70,10 @@ def test_classifier_rejects_an_unknown_pool(backbone):
 def test_training_with_a_both_pooled_head_runs_through_the_task(tmp_path):
     summary = engine.train(config(tmp_path, "model.head={pool: both}", "train.epochs=1"), tmp_path / "run")
     assert summary["task"] == "classification" and summary["metric"] == "top1"
+    hits = summary["test_hits"]  # per test image: the top-1 score is their share
+    assert len(hits) == summary["test_size"] and summary["test"]["top1"] == pytest.approx(
+        100 * hits.count("1") / len(hits)
+    )
     assert summary["trainable_params_with_head"] - summary["trainable_params"] == 10 * 64 + 10  # 2 * width 32
 
 

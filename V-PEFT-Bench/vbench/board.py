@@ -14,6 +14,13 @@ A score in percent is a proportion of test items, so the test split alone limits
 standard error ``100 * sqrt(p (1 - p) / n)`` (p the mean score as a fraction, n the test items) sits beside the seed
 std wherever the records carry ``test_size``. Two scores on test splits of that size differ beyond ``k`` standard
 errors when their gap exceeds ``k * sqrt(se_a^2 + se_b^2)`` (:func:`verdict`), the suite's check against its baselines.
+
+That SE treats the two scores as independent samples. When both were scored on the same items (the same data
+config) and the records carry which items each run got right (``test_hits``), the check pairs them instead, as
+McNemar's test does for two classifiers on one test set (Dietterich, Neural Computation 1998): per item ``i``, ``d_i``
+is the share of the method's seeds that got it right minus the baseline's share, and the gap's SE is
+``100 * std(d) / sqrt(n)``. Items both get right (or wrong) add nothing to it, so it is smaller than the unpaired SE
+wherever the two models agree on most items; the gap itself is the same.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class Cell:
     hparams: list[dict[str, Any]] = field(default_factory=list)
     test_size: int | None = None  # items on the test split (None: records that do not say)
     baseline: bool = False  # a reference row of the suite (linear probe, in-context prompting)
+    hits: list[str] = field(default_factory=list)  # per seed: "0"/"1" per test item (records' ``test_hits``)
+    data: list[Any] = field(default_factory=list)  # the data configs its records were scored with
 
     @property
     def mean(self) -> float:
@@ -74,15 +83,37 @@ def binomial_se(percent: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1.0 - p) / n)
 
 
-def verdict(method: Cell, baseline: Cell, sigmas: float) -> tuple[float, float | None, bool]:
-    """``(gap, gap / se_of_gap, passed)``: does ``method`` beat ``baseline`` by more than ``sigmas`` standard errors
-    of the difference (``sqrt(se_m^2 + se_b^2)``)? Without both test sizes nothing is claimed (None, False)."""
+def paired_se(method: Cell, baseline: Cell) -> float | None:
+    """The SE of the gap from item-by-item hits (module docstring), or None when the two cells cannot be paired: a
+    seed without hits, hits of different lengths, or records scored with different data configs."""
+    cells = (method, baseline)
+    if any(not c.hits or len(c.hits) != len(c.values) for c in cells):
+        return None
+    lengths = {len(h) for c in cells for h in c.hits}
+    configs = [d for c in cells for d in c.data]
+    if len(lengths) != 1 or any(d != configs[0] for d in configs):
+        return None
+    n = lengths.pop()
+    if n < 2:
+        return None
+    shares = [[sum(h[i] == "1" for h in c.hits) / len(c.hits) for i in range(n)] for c in cells]
+    diffs = [m - b for m, b in zip(*shares, strict=True)]
+    return 100.0 * statistics.stdev(diffs) / math.sqrt(n)
+
+
+def verdict(method: Cell, baseline: Cell, sigmas: float) -> tuple[float, float | None, bool, bool]:
+    """``(gap, gap / se_of_gap, passed, paired)``: does ``method`` beat ``baseline`` by more than ``sigmas``
+    standard errors of the difference? The SE is the paired one where the cells can be paired (:func:`paired_se`),
+    else ``sqrt(se_m^2 + se_b^2)``; without either nothing is claimed (None, False)."""
     gap = method.mean - baseline.mean
-    if method.se is None or baseline.se is None:
-        return gap, None, False
-    se = math.hypot(method.se, baseline.se)
+    se = paired_se(method, baseline)
+    paired = se is not None
+    if se is None:
+        if method.se is None or baseline.se is None:
+            return gap, None, False, False
+        se = math.hypot(method.se, baseline.se)
     ratio = gap / se if se > 0 else (math.inf if gap > 0 else 0.0)
-    return gap, ratio, ratio > sigmas
+    return gap, ratio, ratio > sigmas, paired
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -108,7 +139,8 @@ def with_columns(
         if not evals:
             continue
         key = metric_key(r)
-        base = {k: v for k, v in r.items() if not k.endswith(BEST_EPOCH) and k != "evals"} | {"column_of": r["task"]}
+        own = ("evals", "test_hits")  # an eval is scored on other items than the record's own test split
+        base = {k: v for k, v in r.items() if not k.endswith(BEST_EPOCH) and k not in own} | {"column_of": r["task"]}
         for name, numbers in evals.items():
             out.append(base | {"task": name, key: numbers[key], "test_size": numbers.get("test_size")})
         for column, of in harmonic.get(r["task"], {}).items():
@@ -127,6 +159,9 @@ def cells(records: Iterable[dict[str, Any]], protocol: str, best_epoch: bool = F
         empty = Cell([], r["trainable_params"], r["trainable_params_with_head"], baseline=bool(r.get("baseline")))
         cell = out.setdefault((r["method"], r["task"]), empty)
         cell.values.append(float(value))
+        if r.get("test_hits") and not best_epoch:
+            cell.hits.append(r["test_hits"])
+        cell.data.append((r.get("config") or {}).get("data"))
         if r.get("test_size"):
             cell.test_size = max(cell.test_size or 0, int(r["test_size"]))
         if r["hparams"] and r["hparams"] not in cell.hparams:
@@ -207,10 +242,10 @@ def check(table: list[dict[str, Any]], tasks: Sequence[tuple[str, str]], method:
         bases = [(row["cells"][task], row["method"]) for row in table if row["baseline"] and task in row["cells"]]
         best = max(bases, key=lambda b: b[0].mean, default=None)
         entry = {"task": task, "method": method, "sigmas": sigmas, "cell": cell, "baseline": None, "base_cell": None,
-                 "gap": None, "ratio": None, "passed": None}  # fmt: skip
+                 "gap": None, "ratio": None, "passed": None, "paired": False}  # fmt: skip
         if cell is not None and best is not None:
-            gap, ratio, passed = verdict(cell, best[0], sigmas)
-            entry.update(baseline=best[1], base_cell=best[0], gap=gap, ratio=ratio, passed=passed)
+            gap, ratio, passed, paired = verdict(cell, best[0], sigmas)
+            entry.update(baseline=best[1], base_cell=best[0], gap=gap, ratio=ratio, passed=passed, paired=paired)
         out.append(entry)
     return out
 
@@ -220,16 +255,20 @@ def check_markdown(checked: list[dict[str, Any]]) -> str:
     if not checked:
         return ""
     method, sigmas = checked[0]["method"], checked[0]["sigmas"]
-    lines = [f"| task | `{method}` | best baseline | gap | gap / SE | > {sigmas:g} SE |", "|" + " --- |" * 6]
+    lines = [
+        f"| task | `{method}` | best baseline | gap | gap / SE | SE of the gap | > {sigmas:g} SE |",
+        "|" + " --- |" * 7,
+    ]
     for c in checked:
         if c["passed"] is None:
             missing = f"no `{method}` result" if c["cell"] is None else "no baseline result"
-            lines.append(f"| {c['task']} | {_cell(c['cell'])} | | | | {missing} |")
+            lines.append(f"| {c['task']} | {_cell(c['cell'])} | | | | | {missing} |")
             continue
         ratio = "" if c["ratio"] is None else f"{c['ratio']:.1f}"
         verdict_text = "pass" if c["passed"] else ("fail" if c["ratio"] is not None else "no test size")
+        kind = "paired" if c["paired"] else "unpaired"
         lines.append(f"| {c['task']} | {_cell(c['cell'])} | `{c['baseline']}` {_cell(c['base_cell'])} | "
-                     f"{c['gap']:+.2f} | {ratio} | {verdict_text} |")  # fmt: skip
+                     f"{c['gap']:+.2f} | {ratio} | {kind} | {verdict_text} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -31,9 +31,11 @@ MEANS = (
 
 
 CHECK = (
-    "SE: the binomial standard error of a mean score on the test split, 100 sqrt(p(1-p)/n); the gap's SE is "
-    "sqrt(SE_method^2 + SE_baseline^2). The check passes when the gap exceeds the stated multiple of it; the "
-    "baseline is the best reference row on that task."
+    "SE: the binomial standard error of a mean score on the test split, 100 sqrt(p(1-p)/n). The gap's SE is paired "
+    "where both rows were scored on the same items and their records say which items each got right (McNemar's "
+    "setting): 100 std(d)/sqrt(n), d per item the share of the method's seeds right minus the baseline's; otherwise "
+    "unpaired, sqrt(SE_method^2 + SE_baseline^2). The check passes when the gap exceeds the stated multiple of its SE; "
+    "the baseline is the best reference row on that task."
 )
 
 
@@ -74,7 +76,7 @@ def check_summary(checked: dict[str, list[dict[str, Any]]]) -> str:
             if c["passed"] is None:
                 lines.append(f"{head}: {'no result' if c['cell'] is None else 'no baseline result'}")
                 continue
-            ratio = "no test size" if c["ratio"] is None else f"{c['ratio']:.1f} SE"
+            ratio = "no test size" if c["ratio"] is None else f"{c['ratio']:.1f} {'paired ' * c['paired']}SE"
             result = f"{'PASS' if c['passed'] else 'FAIL'} (> {c['sigmas']:g} SE)"
             lines.append(f"{head} {c['cell'].mean:.2f} vs {c['baseline']} {c['base_cell'].mean:.2f}: "
                          f"{c['gap']:+.2f} = {ratio}, {result}")  # fmt: skip

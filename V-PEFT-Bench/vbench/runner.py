@@ -70,6 +70,11 @@ def check_result(record: dict[str, Any]) -> list[str]:
             problems.append(f"literature record without {metric_key(record, best_epoch=True)}")
         if record.get("test_size") is not None and not (_is_number(record["test_size"]) and record["test_size"] > 0):
             problems.append(f"test_size is {record['test_size']!r}, expected a positive count")
+        hits = record.get("test_hits")
+        if hits is not None and not (
+            isinstance(hits, str) and len(hits) == record.get("test_size") and set(hits) <= {"0", "1"}
+        ):
+            problems.append("test_hits is not a string of 0 and 1, one per test item")
         evals = record.get("evals") or {}
         if not isinstance(evals, dict):
             problems.append(f"evals is {evals!r}, expected an object of eval name -> metrics")
@@ -126,6 +131,7 @@ def _metrics_from(summary: dict[str, Any], protocol: str) -> dict[str, Any]:
         metric: summary["test"][metric],
         "test_metrics": summary["test"],  # every number the task reports (macro-F1, answer perplexity, loss...)
         "test_size": summary.get("test_size"),  # items on the eval split: the binomial standard error's n
+        "test_hits": summary.get("test_hits"),  # "1"/"0" per test item in order (a paired check's data), or None
         "trainable_params": summary["trainable_params"],
         "trainable_params_with_head": summary["trainable_params_with_head"],
         "peak_memory_mb": summary["peak_memory_mb"],

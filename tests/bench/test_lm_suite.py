@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 
 import pytest
 import yaml
@@ -133,12 +134,48 @@ def cell(mean, n, baseline=False):
 
 def test_three_standard_error_verdict_by_hand():
     # 60% and 50% on 500 items: SEs 2.1909 and 2.2361, the gap's SE sqrt(4.8 + 5.0) = 3.1305, the gap 10 = 3.19 SE
-    gap, ratio, passed = board.verdict(cell(60.0, 500), cell(50.0, 500), 3)
-    assert gap == 10.0 and ratio == pytest.approx(10 / math.sqrt(0.6 * 0.4 / 500 * 1e4 + 0.5 * 0.5 / 500 * 1e4))
+    gap, ratio, passed, paired = board.verdict(cell(60.0, 500), cell(50.0, 500), 3)
+    assert (
+        not paired
+        and gap == 10.0
+        and ratio == pytest.approx(10 / math.sqrt(0.6 * 0.4 / 500 * 1e4 + 0.5 * 0.5 / 500 * 1e4))
+    )
     assert ratio == pytest.approx(3.1944, abs=1e-4) and passed
     assert not board.verdict(cell(60.0, 500), cell(50.0, 500), 3.5)[2]
     assert board.verdict(cell(50.0, 500), cell(60.0, 500), 3)[2] is False  # losing never passes
-    assert board.verdict(cell(60.0, None), cell(50.0, 500), 3) == (10.0, None, False)  # no n, no claim
+    assert board.verdict(cell(60.0, None), cell(50.0, 500), 3) == (10.0, None, False, False)  # no n, no claim
+
+
+def hits_cell(*seeds, data="d"):
+    values = [100.0 * h.count("1") / len(h) for h in seeds]
+    return board.Cell(values, 0, 0, test_size=len(seeds[0]), hits=list(seeds), data=[data] * len(seeds))
+
+
+def test_paired_verdict_by_hand():
+    # 10 items; the method gets items 0-6 right, the baseline 0-4 and 9: discordant items 5, 6 (+1 each) and 9 (-1).
+    method, base = hits_cell("1111111000"), hits_cell("1111100001")
+    d = [0, 0, 0, 0, 0, 1, 1, 0, 0, -1]  # mean 0.1, sample std sqrt((2 * 0.81 + 0.01 * 7 + 1.21) / 9) = 0.5676
+    se = 100 * statistics.stdev(d) / math.sqrt(10)
+    assert board.paired_se(method, base) == pytest.approx(se) and se == pytest.approx(17.951, abs=1e-3)
+    gap, ratio, passed, paired = board.verdict(method, base, 0.5)
+    assert paired and passed and gap == pytest.approx(10.0) and ratio == pytest.approx(10.0 / se)
+    # unpaired, the same gap is 10 / sqrt(se(70%)^2 + se(60%)^2) = 10 / 21.213: the pairing's SE is smaller here
+    assert 10.0 / math.hypot(board.binomial_se(70, 10), board.binomial_se(60, 10)) < ratio
+    # two seeds: per item the share of seeds right; the second seed misses item 0 and gets item 8
+    two = hits_cell("1111111000", "0111111010")
+    shares = [0.5, 1, 1, 1, 1, 1, 1, 0, 0.5, 0]
+    base_shares = [1, 1, 1, 1, 1, 0, 0, 0, 0, 1]
+    expected = 100 * statistics.stdev([a - b for a, b in zip(shares, base_shares, strict=True)]) / math.sqrt(10)
+    assert board.paired_se(two, base) == pytest.approx(expected)
+
+
+def test_no_pairing_across_data_configs_or_missing_hits():
+    method, base = hits_cell("1111111000"), hits_cell("1111100001")
+    assert board.paired_se(method, hits_cell("1111100001", data="other")) is None  # other items or prompts
+    assert board.paired_se(method, hits_cell("11111000")) is None  # another split size
+    assert board.paired_se(method, board.Cell([60.0], 0, 0, test_size=10)) is None  # records without hits
+    assert board.verdict(method, board.Cell([60.0], 0, 0, test_size=10), 3)[3] is False  # falls back to unpaired
+    assert board.paired_se(method, base) is not None
 
 
 def quick_record(method, task, seed, value, metric, baseline=False, n=500):
@@ -167,13 +204,27 @@ def test_check_compares_with_the_best_baseline_of_each_task(suite_file, tmp_path
     se_lora, se_shots = 100 * math.sqrt(0.55 * 0.45 / 500), 100 * math.sqrt(0.5 * 0.5 / 500)  # 2.2249, 2.2361
     assert beta["ratio"] == pytest.approx(5 / math.hypot(se_lora, se_shots))
     assert beta["passed"] is False  # 5 points = 1.6 SE
+    assert beta["paired"] is False  # no per-item hits in these records
     lines = check_summary(checks(records, suite)).splitlines()
     assert lines[0] == "check quick alpha: lora: no baseline result"
     assert lines[1].startswith("check quick beta: lora 55.00 vs shots 50.00: +5.00 = 1.6 SE, FAIL")
     write_leaderboard(records, suite, tmp_path / "board")
     text = (tmp_path / "board" / "leaderboard.md").read_text()
     assert "`shots` (baseline)" in text
-    assert "| beta | 55.00 (SE 2.22) | `shots` 50.00 (SE 2.24) | +5.00 | 1.6 | fail |" in text
+    # the same records with per-item hits (the same items: equal data configs) are compared item by item
+    hits = {"lora": "1" * 275 + "0" * 225, "shots": "1" * 250 + "0" * 250, "weak": "1" * 100 + "0" * 400}
+    paired = [r | {"test_hits": hits[r["method"]]} for r in records if r["task"] == "beta"]
+    assert all(check_result(r) == [] for r in paired)
+    assert check_result(paired[0] | {"test_hits": "1" * 10}) == [
+        "test_hits is not a string of 0 and 1, one per test item"
+    ]
+    (entries,) = checks(paired, suite).values()
+    beta = entries[1]
+    d = [0.0] * 250 + [1.0] * 25 + [0.0] * 225  # lora's 25 extra hits, nothing the baseline alone gets
+    assert beta["paired"] and beta["ratio"] == pytest.approx(5.0 / (100 * statistics.stdev(d) / math.sqrt(500)))
+    assert beta["passed"]  # 5 points = 5.1 paired SE
+    assert "5.1 paired SE, PASS" in check_summary(checks(paired, suite))
+    assert "| beta | 55.00 (SE 2.22) | `shots` 50.00 (SE 2.24) | +5.00 | 1.6 | unpaired | fail |" in text
     assert (tmp_path / "board" / "leaderboard_quick_score.csv").is_file()  # two metrics: "score"
 
 

@@ -67,8 +67,10 @@ def test_frozen_trains_nothing_and_evaluates_the_pretrained_model(tmp_path, llam
     summary = engine.train(cfg, tmp_path / "run")
     assert summary["steps"] == 0 and summary["trainable_params_with_head"] == 0
     task, model, datasets = built(cfg)  # the untouched model, evaluated directly
-    direct = task.evaluate(model, engine._loader(cfg, task, datasets["test"], False), torch.device("cpu"))
+    hits: list[bool] = []
+    direct = task.evaluate(model, engine._loader(cfg, task, datasets["test"], False), torch.device("cpu"), hits=hits)
     assert summary["test"]["exact_match"] == direct["exact_match"]
+    assert summary["test_hits"] == "".join("1" if h else "0" for h in hits) and len(hits) == summary["test_size"]
     assert summary["test"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     assert summary["best_val"]["epoch"] == 0 and "exact_match" in summary["best_val"]
     import tools.test as test_tool

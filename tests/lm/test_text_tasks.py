@@ -204,7 +204,9 @@ def test_exact_match_and_answer_ppl_by_hand(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "em", {"train": rows, "val": rows, "test": rows})
     task, model, datasets = built(causal_config(tmp_path, llama_dir, data, "data.eval_batch_size=4"))
     loader = engine._loader(task.cfg, task, datasets["test"], False)
-    metrics = task.evaluate(model, loader, torch.device("cpu"))
+    hits: list[bool] = []
+    metrics = task.evaluate(model, loader, torch.device("cpu"), hits=hits)
+    assert hits == [True, False, True, False]  # items 0 and 2, in the split's order
     nll, count = 0.0, 0
     for item in datasets["test"]:
         p, a = task.encode(*item)
@@ -294,7 +296,8 @@ def test_text_classification_metrics_against_the_model_and_scikit_learn(tmp_path
     assert model.pool == ("mean" if family == "bert" else "last")
     assert datasets["train"].classes == ["blue", "green", "red"]
     loader = engine._loader(task.cfg, task, datasets["test"], False)
-    out = task.evaluate(model, loader, torch.device("cpu"))
+    hits: list[bool] = []
+    out = task.evaluate(model, loader, torch.device("cpu"), hits=hits)
     tok = word_tokenizer(chat=False)
     inner = model.eval().backbone.model
     preds, labels, loss = [], [], 0.0
@@ -306,6 +309,7 @@ def test_text_classification_metrics_against_the_model_and_scikit_learn(tmp_path
         labels.append(example.label)
         loss -= logits.log_softmax(-1)[example.label].item()
     assert out["accuracy"] == pytest.approx(100 * metrics.accuracy_score(labels, preds))
+    assert hits == [p == y for p, y in zip(preds, labels, strict=True)]  # per item, in the split's order
     expected_f1 = metrics.f1_score(labels, preds, average="macro", labels=[0, 1, 2], zero_division=0)
     assert out["macro_f1"] == pytest.approx(100 * expected_f1)
     assert out["loss"] == pytest.approx(loss / len(labels), rel=1e-4)

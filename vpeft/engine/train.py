@@ -203,13 +203,15 @@ def train(
         if dist.main:
             vpeft.save_adapter(model, run_dir / "adapter")  # the method's record: tools/test.py reopens the run
             task.export(run_dir / "adapter")
-    test = evaluate_split(cfg, task, model, datasets["test"], dist, autocast)
+    hits: list[bool] | None = [] if dist.world == 1 else None  # one process holds the whole split
+    test = evaluate_split(cfg, task, model, datasets["test"], dist, autocast, hits)
     if dist.main:
         metrics.log({"step": counters["step"], "epoch": counters["epoch"], "split": "test", **test})
         metrics.close()
     summary = {
         "test": test,
         "test_size": len(datasets["test"]),  # the n of a score's binomial standard error
+        "test_hits": "".join("1" if h else "0" for h in hits) if hits else None,  # per test item: a paired test's data
         "best_val": counters["best"],
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -291,8 +293,10 @@ def evaluate_split(
     dataset: Any,
     dist: distributed.Dist,
     autocast: contextlib.AbstractContextManager | None = None,
+    hits: list[bool] | None = None,
 ) -> dict[str, float]:
     """The task's metrics on ``dataset``: each process evaluates its share (:func:`_loader`) and the sums are added.
+    ``hits`` (one process only) is filled with the task's per-item hits in the split's order (``Task.evaluate``).
 
     A model sharded by FSDP gathers its tensors in every forward pass, a collective all processes must join: a process
     whose share has fewer batches (the split does not divide evenly) then runs the split's first batch again, not
@@ -306,6 +310,8 @@ def evaluate_split(
         most = math.ceil(math.ceil(len(dataset) / dist.world) / batch)  # rank 0's share is the largest
         if most > len(loader):
             idle = [next(iter(_loader(cfg, task, dataset, False)))] * (most - len(loader))
+    if hits is not None:
+        return task.evaluate(model, loader, dist.device, autocast, idle=idle, hits=hits)
     return task.evaluate(model, loader, dist.device, autocast, dist.sum, idle=idle)
 
 

@@ -25,6 +25,12 @@ processes (the ``transformers`` Trainer's ``num_items_in_batch`` with ``average_
 no gradients, each batch moved to the device and handed to the task's :meth:`Task.accumulate` under ``autocast``,
 then :meth:`Task.summarise` turns what was accumulated into metrics with ``reduce``. A task writes only those two
 hooks and :meth:`Task.start`, which makes the empty state of one evaluation.
+
+A task whose metric is a share of items scored right (top-1, accuracy, exact match) also keeps, in its state, which
+items it scored right, in evaluation order (:meth:`Task.hits`). ``evaluate(..., hits=[])`` fills the list: two models
+scored on the same split can then be compared item by item (a paired test, V-PEFT-Bench's check), which sees a
+smaller difference than two independent samples would allow. Only one process holds the whole split, so hits are
+asked for in single-process evaluation only.
 """
 
 from __future__ import annotations
@@ -87,8 +93,12 @@ class Task:
         autocast: contextlib.AbstractContextManager | None = None,
         reduce: Reduce | None = None,
         idle: Iterable[Any] = (),
+        hits: list[bool] | None = None,
     ) -> dict[str, float]:
         """Metrics of ``model`` over ``loader``; ``reduce`` sums over data-parallel processes (None: one process).
+
+        ``hits``: a list extended with the task's per-item hits in ``loader``'s order (:meth:`hits`; left empty by a
+        task without them); one process only.
 
         ``idle``: batches run after ``loader`` and not counted. A model sharded by FSDP gathers its tensors in each
         forward pass, a collective that every process must join, so a process whose share of the split has fewer
@@ -107,6 +117,10 @@ class Task:
                         self.accumulate(state if counted else spare, model, batch)
         finally:
             model.train(was_training)
+        if hits is not None:
+            if reduce is not None:
+                raise ValueError("per-item hits are collected by one process holding the whole split (reduce=None)")
+            hits.extend(self.hits(state) or ())
         return self.summarise(state, reduce or _one_process)
 
     def start(self, model: nn.Module, device: torch.device) -> Any:
@@ -120,6 +134,11 @@ class Task:
     def summarise(self, state: Any, reduce: Reduce) -> dict[str, float]:
         """The metrics of the filled ``state``; ``reduce`` sums a tensor over the processes (identity with one)."""
         raise NotImplementedError
+
+    def hits(self, state: Any) -> list[bool] | None:
+        """Which items of the evaluation in ``state`` the model scored right, in order; None: the task's metric is
+        no share of items (a Dice score, a mean AP)."""
+        return None
 
     def export(self, adapter_dir: Path) -> None:
         """Write what the task keeps beside the saved adapter (e.g. the intensity rule a medical model needs)."""

@@ -191,15 +191,19 @@ class CausalLMTask(Task):
         """The answer tokens: a step's loss is the mean over every answer token of its micro-batches and processes."""
         return int((batch["labels"] != -100).sum())
 
-    def start(self, model: nn.Module, device: torch.device) -> torch.Tensor:
-        return torch.zeros(4, dtype=torch.float64)  # answer NLL sum, answer tokens, exact matches, items
+    def start(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
+        return {"sums": torch.zeros(4, dtype=torch.float64), "hits": []}  # sums: answer NLL, answer tokens, hits, items
 
-    def accumulate(self, state: torch.Tensor, model: nn.Module, batch: dict[str, Any]) -> None:
+    def accumulate(self, state: dict[str, Any], model: nn.Module, batch: dict[str, Any]) -> None:
         nll, count = self.answer_nll(model, batch)
         replies = self.generate(model, batch["prompt_ids"], batch["prompt_mask"], batch["end_ids"])
         pairs = zip(replies, batch["answers"], strict=True)
-        hits = sum(self.extract(reply) in {normalise(a) for a in answers} for reply, answers in pairs)
-        state += torch.tensor([nll.item(), count.item(), hits, len(replies)], dtype=torch.float64)
+        hits = [self.extract(reply) in {normalise(a) for a in answers} for reply, answers in pairs]
+        state["hits"] += hits
+        state["sums"] += torch.tensor([nll.item(), count.item(), sum(hits), len(replies)], dtype=torch.float64)
+
+    def hits(self, state: dict[str, Any]) -> list[bool]:
+        return state["hits"]
 
     def extract(self, reply: str) -> str:
         """The answer a reply gives: the reply itself, or the last match of ``answer_pattern`` (its first group where
@@ -221,8 +225,8 @@ class CausalLMTask(Task):
                              synced_gpus=isinstance(model, FSDPModule))  # fmt: skip
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
-    def summarise(self, state: torch.Tensor, reduce: Reduce) -> dict[str, float]:
-        nll, tokens, hits, total = reduce(state).tolist()
+    def summarise(self, state: dict[str, Any], reduce: Reduce) -> dict[str, float]:
+        nll, tokens, hits, total = reduce(state["sums"]).tolist()
         if total == 0:
             raise DataError("evaluation split is empty")
         loss = nll / max(tokens, 1)

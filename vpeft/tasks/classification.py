@@ -77,21 +77,26 @@ class ClassificationTask(Task):
         logits = model(images)
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
 
-    def start(self, model: nn.Module, device: torch.device) -> torch.Tensor:
-        return torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, items
+    def start(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
+        return {"sums": torch.zeros(4, dtype=torch.float64), "hits": []}  # sums: loss, top-1 hits, top-5 hits, items
 
-    def accumulate(self, state: torch.Tensor, model: nn.Module, batch: Any) -> None:
+    def accumulate(self, state: dict[str, Any], model: nn.Module, batch: Any) -> None:
         images, labels = batch
         logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
-        hits1 = (top[:, 0] == labels).sum().item()
+        hits1 = top[:, 0] == labels
         hits5 = (top == labels[:, None]).any(dim=1).sum().item()
         loss = F.cross_entropy(logits, labels, reduction="sum").item()
-        state += torch.tensor([loss, hits1, hits5, labels.numel()], dtype=torch.float64)
+        state["hits"] += hits1.tolist()
+        state["sums"] += torch.tensor([loss, hits1.sum().item(), hits5, labels.numel()], dtype=torch.float64)
 
-    def summarise(self, state: torch.Tensor, reduce: Reduce) -> dict[str, float]:
+    def hits(self, state: dict[str, Any]) -> list[bool]:
+        """Top-1 hits per image."""
+        return state["hits"]
+
+    def summarise(self, state: dict[str, Any], reduce: Reduce) -> dict[str, float]:
         """Loss, top-1 and top-5 (percent) over the split."""
-        loss_sum, correct1, correct5, total = reduce(state).tolist()
+        loss_sum, correct1, correct5, total = reduce(state["sums"]).tolist()
         if total == 0:
             raise DataError("evaluation split is empty")
         return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}

@@ -140,13 +140,18 @@ class TextClassificationTask(Task):
 
     def start(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
         confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
-        return {"sums": torch.zeros(2, dtype=torch.float64), "confusion": confusion}  # sums: loss, items
+        return {"sums": torch.zeros(2, dtype=torch.float64), "confusion": confusion, "hits": []}  # sums: loss, items
 
     def accumulate(self, state: dict[str, Any], model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
         logits, labels = self.logits(model, batch), batch["labels"]
         state["sums"] += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)])
-        flat = labels.cpu() * len(state["confusion"]) + logits.argmax(1).cpu()  # rows: true class, columns: predicted
+        predicted = logits.argmax(1).cpu()
+        state["hits"] += (predicted == labels.cpu()).tolist()
+        flat = labels.cpu() * len(state["confusion"]) + predicted  # rows: true class, columns: predicted
         state["confusion"] += torch.bincount(flat, minlength=state["confusion"].numel()).view_as(state["confusion"])
+
+    def hits(self, state: dict[str, Any]) -> list[bool]:
+        return state["hits"]
 
     def summarise(self, state: dict[str, Any], reduce: Reduce) -> dict[str, float]:
         """Loss, accuracy and macro-F1 (percent; a class never true nor predicted counts as F1 0)."""
