@@ -5,6 +5,10 @@ python tools/test.py runs/clip --set data.options.classes=novel --out novel_metr
 
 ``--set`` edits the saved config before the model and data are built (``tools/train.py``'s syntax): the same adapter
 scored on other data, such as a CLIP run trained on base classes scored on the novel ones (CoCoOp's protocol).
+
+Where the task scores items one by one (classification, text classification, exact match) and one process runs,
+the file also holds ``test_hits``: "1" or "0" per test item in the split's order, for a paired comparison of two
+runs on the same items (V-PEFT-Bench's check); the terminal shows the metrics only.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate_run(args.run_dir, args.split, args.set)
     out = args.run_dir / args.out
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "test_hits"}, indent=2))
     return 0
 
 

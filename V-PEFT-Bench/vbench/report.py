@@ -1,7 +1,8 @@
 """Write a suite's leaderboard: markdown, CSV per protocol, PNG plots, the published table and ``runs.jsonl``.
 
-``runs.jsonl`` holds every record (without the resolved config; ``overrides`` plus the recipe and the git commit
-rebuild it), so a committed leaderboard is regenerated from it alone::
+``runs.jsonl`` holds every record (of the resolved config only its ``data`` section, which says whether two runs were
+scored on the same items; ``overrides`` plus the recipe and the git commit rebuild the rest), so a committed
+leaderboard is regenerated from it alone::
 
     python V-PEFT-Bench/leaderboard.py --suite minivtab --results V-PEFT-Bench/results/minivtab/runs.jsonl
 """
@@ -198,10 +199,14 @@ def write_leaderboard(records: list[dict[str, Any]], suite: Suite, out: Path, co
     md = out / "leaderboard.md"
     _write(md, "\n".join(parts))
     runs = out / "runs.jsonl"
-    slim = [{**{k: v for k, v in r.items() if k != "run_dir"}, "config": None} for r in records]
+    slim = [{**{k: v for k, v in r.items() if k != "run_dir"}, "config": _data_only(r.get("config"))} for r in records]
     text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in slim)
     _write(runs, text.replace(f"{ROOT}/", ""))  # paths inside the repository, relative to its root
     return [md, runs, *written]
+
+
+def _data_only(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {"data": config["data"]} if config and "data" in config else None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

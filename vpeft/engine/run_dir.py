@@ -84,7 +84,8 @@ def evaluate_run(run_dir: str | os.PathLike, split: str | None = None, overrides
     scored on other classes, as the base-to-novel protocol does).
 
     Runs on ``train.device`` with the run's ``train.amp`` autocast; under ``torchrun`` each process evaluates its
-    share and the sums are added over the processes, as in training.
+    share and the sums are added over the processes, as in training. In one process, a task that scores items one by
+    one adds ``test_hits`` ("1"/"0" per item in the split's order, as the training summary does).
     """
     run = open_run(run_dir, [*overrides, *([f"data.test_split={split}"] if split else [])])
     if "test" not in run.datasets:
@@ -93,7 +94,11 @@ def evaluate_run(run_dir: str | os.PathLike, split: str | None = None, overrides
     try:
         run.model.to(dist.device)
         autocast = _autocast(run.cfg.train.amp, dist.device)
-        metrics = evaluate_split(run.cfg, run.task, run.model, run.datasets["test"], dist, autocast)
+        hits: list[bool] | None = [] if dist.world == 1 else None  # one process holds the whole split
+        metrics = evaluate_split(run.cfg, run.task, run.model, run.datasets["test"], dist, autocast, hits)
     finally:
         dist.close()
-    return {"split": run.cfg.data.test_split, "test_size": len(run.datasets["test"]), **metrics}
+    out = {"split": run.cfg.data.test_split, "test_size": len(run.datasets["test"]), **metrics}
+    if hits:
+        out["test_hits"] = "".join("1" if h else "0" for h in hits)
+    return out
