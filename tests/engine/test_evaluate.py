@@ -24,7 +24,12 @@ def test_test_tool_reproduces_the_training_runs_own_test_metrics(tmp_path):
 
     assert test_tool.main([str(tmp_path / "run")]) == 0
     again = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
-    expected = {"split": "test", "test_size": summary["test_size"], **summary["test"], "test_hits": summary["test_hits"]}
+    expected = {
+        "split": "test",
+        "test_size": summary["test_size"],
+        **summary["test"],
+        "test_hits": summary["test_hits"],
+    }
     assert again == expected and len(again["test_hits"]) == summary["test_size"]  # the same items scored the same
 
 
