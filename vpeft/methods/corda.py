@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core import PositiveInt, Prepared, Target, cached, input_covariance, weight_and_bias
+from ..core import PositiveInt, Prepared, Target, cached, input_covariance
 from ._residual import ResidualConfig, ResidualLoRA
 
 
@@ -79,15 +79,12 @@ class CorDA(ResidualLoRA):
     @classmethod
     def prepare(cls, config: CorDAConfig, model: nn.Module, targets: list[Target], calibration: Any) -> Prepared:
         modules = {t.name: t.module for t in targets}  # the slices of a fused projection share their input
-        weights = {f"{name}.weight": weight_and_bias(m)[0] for name, m in modules.items()}
         options = {"limit": config.calibration_batches, "scale": "max"}
 
         def compute() -> dict[str, Tensor]:
             return input_covariance(model, modules, calibration, config.calibration_batches, "corda", scale="max")
 
-        covariances = cached(
-            config.calibration_cache, "input_covariance", options, model, weights, calibration, compute
-        )
+        covariances = cached(config.calibration_cache, "input_covariance", options, model, calibration, compute)
         scale = config.alpha / config.r
         per_target = {}
         for t in targets:

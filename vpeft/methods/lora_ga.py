@@ -75,7 +75,7 @@ def estimate_gradients(
         return {name: g / used for name, g in sums.items()}
 
     options = {"limit": config.calibration_batches, "mean": True}
-    grads = cached(config.calibration_cache, "weight_gradients", options, model, params, calibration, compute)
+    grads = cached(config.calibration_cache, "weight_gradients", options, model, calibration, compute)
     out = {}
     for t in targets:
         g = grads[t.name].to(t.module.weight.device)
