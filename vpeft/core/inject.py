@@ -154,7 +154,7 @@ def add_adapter(
                 "calibration=batches), with batches an iterable of (inputs, targets) pairs or of callables that "
                 "take the model and return a loss."
             )
-        check_ranks(config, targets, method)  # before prepare's SVDs or calibration passes (PiSSA, CorDA)
+        check_ranks(config, targets, method, warn=False)  # before prepare's SVDs or calibration (PiSSA, CorDA)
         decided = method_cls.prepare(config, model, targets, calibration)
         per_target = {}
         if isinstance(decided, Prepared):  # per-target state besides the config (AdapterModule.prepare)
