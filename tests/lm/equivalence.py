@@ -55,6 +55,7 @@ def peft_name(key: str) -> str:
 class SideBySide:
     logit_diffs: list[float] = field(default_factory=list)  # max |vpeft - peft| after each step, and before any
     tensor_diff: float = 0.0  # max over the trained adapter tensors
+    tensor_scale: float = 0.0  # the largest entry of those tensors (CorDA's A is large: C^-1 in it)
     export_diff: float = 0.0  # vpeft's exported adapter loaded in peft, against the vpeft model
     moved: float = 0.0  # how far training moved the logits (so that agreement is not agreement at rest)
 
@@ -67,13 +68,17 @@ def train_side_by_side(
     steps: int = 5,
     lr: float = 1e-2,
     export_dir: Path | None = None,
+    calibration: list | None = None,
+    make_theirs: Callable[[nn.Module], nn.Module] | None = None,
 ) -> SideBySide:
+    """``calibration`` goes to vpeft's apply; ``make_theirs(base copy)``, when given, builds the peft model in place
+    of ``peft.get_peft_model(base copy, peft_config)`` (CorDA and LoRA-GA run PEFT's preprocessing first)."""
     base = make_model()
     ours = copy.deepcopy(base)
-    vpeft.apply_method(ours, method, **options)
+    vpeft.apply_method(ours, method, calibration=calibration, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
+        theirs = (make_theirs or (lambda m: peft.get_peft_model(m, peft_config)))(copy.deepcopy(base))
     ours_tensors = {k: v for k, v in adapter_tensors(ours, "default").items() if v.requires_grad}
     their_params = dict(theirs.named_parameters())
     with torch.no_grad():
@@ -102,6 +107,7 @@ def train_side_by_side(
     report.tensor_diff = max(
         (v - their_params[peft_name(k)].reshape(v.shape)).abs().max().item() for k, v in ours_tensors.items()
     )
+    report.tensor_scale = max(v.abs().max().item() for v in ours_tensors.values())
     if export_dir is not None:
         vpeft.export_hf_peft(ours, export_dir)
         with warnings.catch_warnings():

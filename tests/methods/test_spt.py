@@ -232,7 +232,10 @@ def test_prepare_leaves_the_model_alone():
     modes = {n: m.training for n, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     config = SPTLoRAConfig(param_budget=0.002)
-    decided = SPT.prepare(config, model, select_targets(model, config, SPT, "spt_lora"), Batches())
+    prepared = SPT.prepare(config, model, select_targets(model, config, SPT, "spt_lora"), Batches())
+    decided = prepared.config  # the sparse indices travel beside it, per target (core.Prepared)
+    sparse = {(e[0], p) for e in decided.plan for p, kind in (("weight", e[1]), ("bias", e[3])) if kind == "sparse"}
+    assert {(key, p) for key, tensors in prepared.per_target.items() for p in tensors} == sparse
     assert decided.plan and flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert modes == {n: m.training for n, m in model.named_modules()}
     assert all(p.grad is None for p in model.parameters())

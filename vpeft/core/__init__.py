@@ -8,6 +8,10 @@ Writing a method
     ``PositiveFloat``, ``NonNegativeFloat``, ``FiniteFloat``, ``Rank`` and ``LenientRank`` declare their ranges,
     :func:`option_types` says them in words),
     :class:`Target` (one place an adapter attaches), ``WHOLE`` (the part name of a whole-module adapter);
+    :class:`Prepared` (what ``prepare`` returns to hand each target its own initial state, as ``Target.init``);
+    the calibration service (statistics of the base model on calibration data, for ``prepare``):
+    :func:`input_covariance`, :func:`weight_gradients`, :func:`calibration_loss`, and :func:`cached` (results
+    stored as safetensors files keyed by statistic, options, model and data, see :func:`fingerprint`);
     reading a model as the core does: ``ROLES``, :func:`name_matches`, :func:`fused_parts`, :func:`walk`,
     :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model).
 
@@ -27,6 +31,7 @@ Adapter files
     :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
 """
 
+from .calibration import cached, calibration_loss, fingerprint, input_covariance, weight_gradients
 from .config import (
     DropProbability,
     FiniteFloat,
@@ -64,7 +69,7 @@ from .inject import (
     unmerged_adapter,
 )
 from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, load_adapter_tensors, read_adapter, write_adapter
-from .layers import AdapterModule, AdapterRecord
+from .layers import AdapterModule, AdapterRecord, Prepared
 from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
 from .report_table import Report
 from .roles import ROLES
@@ -79,6 +84,7 @@ __all__ = [
     "AdapterModule",
     "AdapterRecord",
     "MethodConfig",
+    "Prepared",
     "Report",
     "Target",
     "active_adapter",
@@ -88,12 +94,16 @@ __all__ = [
     "adapter_tensors",
     "add_adapter",
     "build_config",
+    "cached",
+    "calibration_loss",
     "config_to_dict",
     "delete_adapter",
     "disabled",
+    "fingerprint",
     "fsdp_units",
     "fused_parts",
     "is_conv1d",
+    "input_covariance",
     "layers_of",
     "load_adapter_tensors",
     "merge",
@@ -110,6 +120,7 @@ __all__ = [
     "unmerge",
     "unmerged_adapter",
     "walk",
+    "weight_gradients",
     "weight_and_bias",
     "write_adapter",
     "DropProbability",

@@ -142,9 +142,10 @@ def config_to_dict(config: MethodConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def check_ranks(config: MethodConfig, targets: Sequence[Target], method: str) -> None:
+def check_ranks(config: MethodConfig, targets: Sequence[Target], method: str, warn: bool = True) -> None:
     """Refuse a :data:`Rank` option above ``min(out, in)`` of a target's weight (warn once for a
-    :data:`LenientRank`), naming the option, the narrowest target, its shape and the largest rank that fits.
+    :data:`LenientRank`, unless ``warn`` is False), naming the option, the narrowest target, its shape and the
+    largest rank that fits.
 
     Only targets with a weight matrix count (Linear, Conv2d as ``(out, in * kh * kw)``, attention projections);
     norms, whole blocks and grouped convolutions have no one rank."""
@@ -163,7 +164,8 @@ def check_ranks(config: MethodConfig, targets: Sequence[Target], method: str) ->
         )
         if limit.refuse:
             raise OptionError(f"{text} Use {name} <= {largest}.", name)
-        log.warning("vpeft: %s The method's reference setting allows it; it trains as given.", text)
+        if warn:
+            log.warning("vpeft: %s The method's reference setting allows it; it trains as given.", text)
 
 
 def _matrix_shape(target: Target) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ merge took out. Every change is validated before the model is touched, so an err
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import re
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .config import MethodConfig, check_ranks
-from .layers import Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Switch
+from .layers import Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Prepared, Switch
 from .modules import WHOLE, fused_parts
 from .report_table import Report
 from .roles import ROLES
@@ -153,9 +154,18 @@ def add_adapter(
                 "calibration=batches), with batches an iterable of (inputs, targets) pairs or of callables that "
                 "take the model and return a loss."
             )
+        check_ranks(config, targets, method, warn=False)  # before prepare's SVDs or calibration (PiSSA, CorDA)
         decided = method_cls.prepare(config, model, targets, calibration)
+        per_target = {}
+        if isinstance(decided, Prepared):  # per-target state besides the config (AdapterModule.prepare)
+            decided, per_target = decided.config, decided.per_target
         if decided != config:
             config, targets = decided, select_targets(model, decided, method_cls, method)
+        if per_target:
+            unknown = sorted(set(per_target) - {t.key for t in targets})
+            if unknown:
+                raise ValueError(f"{method}: prepare() returned state for non-targets {unknown[:3]}")
+            targets = [dataclasses.replace(t, init=per_target.get(t.key)) for t in targets]
     check_ranks(config, targets, method)  # before the first SVD or allocation of an update that does not fit
     heads = find_heads(model, config)
     trainable_base = method_cls.trainable_base(config, model)

@@ -29,6 +29,15 @@ from .config import MethodConfig
 from .modules import WHOLE, Target, weight_and_bias
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`AdapterModule.prepare` may return instead of a bare config: the decided ``config`` and
+    ``per_target``, target key (``Target.key``) -> the state its layer starts from, handed over as ``Target.init``."""
+
+    config: MethodConfig
+    per_target: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Switch:
     """Shared by every wrapper of one model: the active adapter, and whether adapters are bypassed."""
@@ -113,10 +122,19 @@ class AdapterModule(nn.Module):
         return True
 
     @classmethod
-    def prepare(cls, config: MethodConfig, model: nn.Module, targets: list[Target], calibration: Any) -> MethodConfig:
+    def prepare(
+        cls, config: MethodConfig, model: nn.Module, targets: list[Target], calibration: Any
+    ) -> MethodConfig | Prepared:
         """Decisions that need the whole model or data (``calibration``: batches, or None when the method does not
         need them), returned as a new config (``dataclasses.replace``) so that a saved adapter rebuilds from its
         config alone: SPT's allocation plan, a token grid read from ``model.patch_embed``. Must not change the model.
+
+        Per-target tensors that are too big for a config (SPT's sparse indices, CorDA's decomposition, LoRA-GA's
+        gradient) are returned as ``Prepared(config, per_target={target.key: value})``: each value reaches that
+        target's constructor as ``target.init`` (None for a target without one). They are not saved with the config,
+        so the constructor must also build from ``target.init is None`` (a load: placeholders of the right shape,
+        which the saved tensors then fill). The calibration service (:mod:`vpeft.core.calibration`) computes the
+        usual statistics from ``calibration``.
         """
         return config
 

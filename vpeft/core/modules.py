@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -23,6 +24,9 @@ class Target:
     index: int | None  # block index (first integer in the path)
     position: int = 0  # order among this adapter's targets
     count: int = 1  # number of targets of this adapter
+    # What the method's ``prepare`` computed for this target (``Prepared.per_target[key]``: factors, indices, a
+    # gradient); None when the adapter is rebuilt from a saved config, whose tensors then come from the file.
+    init: Any = None
 
     @property
     def key(self) -> str:
@@ -91,9 +95,7 @@ def fused_parts(module: nn.Module) -> dict[str, slice]:
             return {}
         d = module.embed_dim
         return {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d), "out_proj": slice(0, d)}
-    out = (
-        module.nf if is_conv1d(module) else getattr(module, "out_features", 0) if isinstance(module, nn.Linear) else 0
-    )
+    out = module.nf if is_conv1d(module) else getattr(module, "out_features", 0) if isinstance(module, nn.Linear) else 0
     if out == 0 or out % 3:
         return {}
     d = out // 3

@@ -12,6 +12,7 @@ from . import (
     comp_lora,
     convpass,
     coop,
+    corda,
     dora,
     dvpt,
     dylora,
@@ -22,6 +23,8 @@ from . import (
     ia3,
     ln_tune,
     lora,
+    lora_ga,
+    pissa,
     repadapter,
     s2_lora,
     salt,
@@ -64,6 +67,9 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "dylora": dylora.DyLoRA,
     "s2_lora": s2_lora.S2LoRA,
     "hut": hut.HUT,
+    "pissa": pissa.PiSSA,
+    "corda": corda.CorDA,
+    "lora_ga": lora_ga.LoRAGA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -71,9 +77,23 @@ TEXT_TOWER_METHODS = ("coop",)
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "reference points": ("full", "linear", "frozen"),
-    "VTAB-1k leaderboard baselines": ("bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
-                                      "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
+    "VTAB-1k leaderboard baselines": (
+        "bitfit",
+        "ln_tune",
+        "vpt_shallow",
+        "vpt_deep",
+        "adapter",
+        "adaptformer",
+        "lora",
+        "dora",
+        "ssf",
+        "fact_tt",
+        "fact_tk",
+        "convpass",
+        "repadapter",
+    ),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
     "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
+    "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga"),
 }

@@ -65,10 +65,12 @@ from ..core import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Prepared,
     Rank,
     Target,
     fused_parts,
     name_matches,
+    weight_gradients,
 )
 from ..errors import OptionError
 from ..files import atomic_write
@@ -181,65 +183,18 @@ def _candidates(target: Target) -> dict[str, tuple[str, slice | None]]:
     }
 
 
-def calibration_loss(model: nn.Module, item: Any, device: torch.device) -> Tensor:
-    """The loss of one calibration item: a callable (a task's own training loss on one batch, so segmentation and
-    detection score with their losses) is called with the model; an ``(inputs, labels)`` pair is scored with
-    cross-entropy on the logits, the paper's classification setting."""
-    if callable(item):
-        return item(model)
-    inputs, labels = item
-    out = model(inputs.to(device))
-    return F.cross_entropy(getattr(out, "logits", out), labels.to(device))
-
-
 def sensitivity(model: nn.Module, params: dict[str, Tensor], batches: Any, limit: int, score: str) -> dict:
     """Sum over at most ``limit`` batches of g^2 (or |g w|) per parameter; the model is left as it was.
 
-    Each gradient is folded into its score by a post-accumulate hook and freed at once, so the gradients of all
-    scored weights (ViT-B: 86M values) are never alive together. A weight the task's output never reaches (a detector
-    skips the ViT's last norm) gets no gradient, scores 0 and is never chosen."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    modes = {m: m.training for m in model.modules()}
-    grads = {p: p.grad for p in params.values()}  # a caller's gradients, restored afterwards
-    device = next(iter(params.values())).device
-    scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    The core's :func:`~vpeft.core.weight_gradients` folds each gradient into its score by a post-accumulate hook
+    and frees it at once, so the gradients of all scored weights (ViT-B: 86M values) are never alive together. The
+    model runs in train mode (official: drop path on, no augmentation). A weight the task's output never reaches (a
+    detector skips the ViT's last norm) gets no gradient, scores 0 and is never chosen."""
 
-    def fold_into(total: Tensor):
-        def hook(p: Tensor) -> None:
-            g = p.grad
-            total.add_(g.float().square() if score == "grad2" else (g * p.detach()).float().abs())
-            p.grad = None
+    def fold(total: Tensor, g: Tensor, p: Tensor) -> None:
+        total.add_(g.float().square() if score == "grad2" else (g * p).float().abs())
 
-        return hook
-
-    handles, used = [], 0
-    try:
-        model.requires_grad_(False)
-        for n, p in params.items():
-            p.requires_grad_(True)
-            p.grad = None
-            handles.append(p.register_post_accumulate_grad_hook(fold_into(scores[n])))
-        model.train()  # official: train mode (drop path on), no augmentation
-        with torch.enable_grad():
-            for item in batches:
-                calibration_loss(model, item, device).backward()
-                used += 1
-                if used == limit:
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        for p, g in grads.items():
-            p.grad = g
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.train(mode)
-    if used == 0:
-        raise ValueError(
-            "spt: the calibration data yielded no batch; pass an iterable of (inputs, labels) pairs or of callables "
-            "that take the model and return a loss."
-        )
+    scores, _ = weight_gradients(model, params, batches, limit, "spt", fold)
     return {n: s.cpu() for n, s in scores.items()}
 
 
@@ -379,7 +334,7 @@ class SPT(AdapterModule):
         entry = {e[0]: e for e in config.plan}.get(target.key)
         if entry is None:
             raise ValueError(f"spt: target {target.key!r} has no plan entry; apply with calibration data.")
-        indices = getattr(config, "_spt_indices", {})  # fresh apply; a load copies the saved buffers
+        indices = target.init or {}  # from prepare (fresh apply); a load copies the saved buffers instead
         self.kinds, self.in_features = {"weight": entry[1], "bias": entry[3]}, target.in_features
         self.structured = build_structured(target, config) if entry[1] == "structured" else None
         self.seq = isinstance(self.structured, _SeqAdapter)
@@ -397,7 +352,7 @@ class SPT(AdapterModule):
             if kind in ("sparse", "full"):
                 setattr(self, f"{p}_delta", nn.Parameter(torch.zeros(count)))
             if kind == "sparse":
-                idx = indices.get(f"{target.key}.{p}", torch.zeros(count, dtype=torch.long))
+                idx = indices.get(p, torch.zeros(count, dtype=torch.long))
                 self.register_buffer(f"{p}_index", torch.as_tensor(idx, dtype=torch.long).clone(), persistent=True)
 
     @classmethod
@@ -420,8 +375,11 @@ class SPT(AdapterModule):
         if not entries:
             raise ValueError(f"spt: param_budget={config.param_budget}M selects nothing; raise it.")
         decided = dataclasses.replace(config, targets=tuple(e[0] for e in entries), plan=tuple(entries))
-        object.__setattr__(decided, "_spt_indices", {c: torch.tensor(i) for c, i in plan["indices"].items()})
-        return decided
+        per_target: dict[str, dict[str, Tensor]] = {}  # target key -> {"weight"/"bias": its sparse indices}
+        for candidate, idx in plan["indices"].items():
+            key, tensor = candidate.rsplit(".", 1)
+            per_target.setdefault(key, {})[tensor] = torch.tensor(idx)
+        return Prepared(decided, per_target)
 
     def _dense(self, p: str) -> Tensor | None:
         kind = self.kinds[p]
