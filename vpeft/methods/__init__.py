@@ -22,6 +22,8 @@ from . import (
     ia3,
     ln_tune,
     lora,
+    prefix_tuning,
+    prompt_tuning,
     repadapter,
     s2_lora,
     salt,
@@ -64,10 +66,14 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "dylora": dylora.DyLoRA,
     "s2_lora": s2_lora.S2LoRA,
     "hut": hut.HUT,
+    "prompt_tuning": prompt_tuning.PromptTuning,
+    "prefix_tuning": prefix_tuning.PrefixTuning,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
 TEXT_TOWER_METHODS = ("coop",)
+# methods that rewrite a language model's call (token embeddings, masks, cache: vpeft/core/virtual.py); a ViT refuses
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "reference points": ("full", "linear", "frozen"),
@@ -76,4 +82,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
     "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
+    "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
 }
