@@ -20,6 +20,7 @@ import torch
 
 import vpeft
 from vpeft.core import adapter_tensors
+from vpeft.errors import ConfigError
 
 from .equivalence import peft
 from .models import TINY_LMS, batches, task_loss
@@ -169,3 +170,31 @@ def test_generate_gives_the_tokens_of_hf_peft_forward(method, options, lm):
     with torch.no_grad():
         mine = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(mine, greedy_without_cache(theirs, ids, mask, 6))
+
+
+@pytest.mark.parametrize("lm", ["llama", "gpt2"])
+@pytest.mark.parametrize(("method", "options"), VARIANTS, ids=["prompt", "prefix", "prefix-mlp"])
+def test_exported_adapter_loads_in_hf_peft_with_the_same_logits(method, options, lm, tmp_path):
+    ours = trained(TINY_LMS[lm], method, options)
+    vpeft.export_hf_peft(ours, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(TINY_LMS[lm](), str(tmp_path / "hf"))
+    for padding in ("right", "left"):
+        batch = batches(1, seed=9, padding=padding)[0]
+        with torch.no_grad():
+            mine = task_loss(ours, batch)[1]
+            their = task_loss(theirs, batch, skip=P if method == "prompt_tuning" else 0)[1]
+        torch.testing.assert_close(their, mine, rtol=0, atol=1e-5)
+
+
+def test_export_refuses_a_model_that_holds_the_transformers_model():
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = TINY_LMS["llama"]()
+
+    model = Holder()
+    vpeft.apply_method(model, "prompt_tuning", num_virtual_tokens=P)
+    with pytest.raises(ConfigError, match="Export from that model"):
+        vpeft.export_hf_peft(model, "unused")

@@ -18,7 +18,7 @@ from vpeft.engine import train as engine
 from vpeft.engine.config import load_config
 from vpeft.errors import ConfigError, OptionError
 
-from .models import VOCAB, batches, tiny_bert, tiny_gpt2, tiny_llama
+from .models import VOCAB, batches, task_loss, tiny_bert, tiny_gpt2, tiny_llama
 from .test_text_tasks import bert_folder, label_rows, lemma_rows, llama_folder, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,6 +156,26 @@ def test_mistakes_are_refused_with_the_reason(options, error, phrase):
     with pytest.raises(error, match=phrase):
         vpeft.apply_method(model, "prompt_tuning", **options)
     assert adapter_names(model) == []
+
+
+def test_gradient_checkpointing_keeps_prompts_and_refuses_prefixes():
+    """Checkpointed layers run without the cache (transformers drops it), so a prefix would vanish: refused; prompts
+    are inputs and train alike with and without checkpointing."""
+    batch = batches(1, seed=6)[0]
+    grads = []
+    for checkpointing in (False, True):
+        model = prompted(tiny_llama).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        task_loss(model, batch)[0].backward()
+        grads.append(next(p.grad for p in model.parameters() if p.requires_grad))
+    torch.testing.assert_close(grads[1], grads[0])
+    model = prompted(tiny_llama, "prefix_tuning").train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ConfigError, match="without gradient checkpointing"):
+        task_loss(model, batch)
+    with torch.no_grad():  # no backward to replay: the cache is kept, and the prefix with it
+        model(input_ids=batch["input_ids"])
 
 
 def test_a_four_dimensional_mask_is_refused():

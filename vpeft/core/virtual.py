@@ -28,9 +28,15 @@ tokens; disabled, or with another adapter active, the call is the model's own. O
   per input token (HF PEFT returns them; a departure that lets the tasks' losses and poolings run unchanged).
   ``attentions`` keep them.
 * ``"cache"``, first call: a ``DynamicCache`` (the caller's, if it passed an empty one) is filled with the prefixes
-  before the model runs, so the input tokens take positions ``p..p+L-1`` as in HF PEFT.
+  before the model runs, so the input tokens take positions ``p..p+L-1`` as in HF PEFT. Training with transformers'
+  gradient checkpointing is refused: it runs each checkpointed layer without the cache (HF PEFT 0.21.2 then fails
+  on a mask of p + L keys against L).
 * ``position_ids``, when passed: ``+p``, and for the prompts' first call ``0..p-1`` in front, so left padding keeps the
   positions ``generate()`` computes from the mask (HF PEFT drops them for prompt tuning).
+
+VPT (vpeft/methods/vpt.py), the vision instance of prompts, stays on its per-block wrappers: a ViT's call carries
+nothing for this rewrite to extend, and deep VPT's per-block prompt tokens are neither prompts prepended once nor a
+key/value prefix (vpt.py says more).
 """
 
 from __future__ import annotations
@@ -153,6 +159,13 @@ def _before(site: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     if not first:
         return (), kwargs
     if module.virtual == "cache":
+        if site.training and torch.is_grad_enabled() and getattr(site, "is_gradient_checkpointing", False):
+            raise ConfigError(
+                "prefix tuning puts its keys and values in the model's cache, and transformers' gradient "
+                f"checkpointing (on in {type(site).__name__}) runs each checkpointed layer without the cache, so the "
+                "prefix would be dropped. Train it without gradient checkpointing (model.grad_checkpointing: false), "
+                "or use prompt_tuning, whose prompts are inputs."
+            )
         if cache is None:
             from transformers import DynamicCache  # the call sites are transformers models
 
