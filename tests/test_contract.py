@@ -11,11 +11,15 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.methods import METHODS, TEXT_TOWER_METHODS
+from vpeft.core import adapter_names
+from vpeft.errors import ConfigError
+from vpeft.methods import METHODS, TEXT_TOWER_METHODS, VIRTUAL_TOKEN_METHODS
 
 from .conftest import perturb, tiny_vit
 
-ALL = sorted(set(METHODS) - set(TEXT_TOWER_METHODS))  # those have their contract on a tiny CLIP (tests/clip/)
+# CLIP text-tower methods have their contract on a tiny CLIP (tests/clip/); virtual-token methods on the tiny language
+# models (tests/lm/test_contract.py), and refuse a ViT (below)
+ALL = sorted(set(METHODS) - set(TEXT_TOWER_METHODS) - set(VIRTUAL_TOKEN_METHODS))
 # `frozen` (the zero- and few-shot reference point) trains nothing by design: the tests that train, perturb or
 # differentiate its tensors have none to work on, and test_frozen_trains_nothing_and_changes_nothing checks it instead.
 TRAINED = [m for m in ALL if m != "frozen"]
@@ -49,6 +53,16 @@ def test_output_at_init(method, images):
     if not METHODS[method].identity_at_init:
         pytest.skip(f"{method} changes the output at initialisation by design")
     torch.testing.assert_close(model(images), base(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", VIRTUAL_TOKEN_METHODS)
+def test_virtual_token_methods_refuse_a_vit_and_name_vpt(method):
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="holds no module with get_input_embeddings.*use vpt_shallow or vpt_deep"):
+        vpeft.apply_method(model, method)
+    assert adapter_names(model) == [] and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_frozen_trains_nothing_and_changes_nothing(images):

@@ -49,22 +49,31 @@ def tiny_llama() -> nn.Module:
 TINY_LMS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
-def batches(count: int, seed: int = 0, batch: int = 3, length: int = 9) -> list[dict[str, torch.Tensor]]:
-    """Random token batches with one right-padded sequence each, and class labels (used by BERT only)."""
+def batches(
+    count: int, seed: int = 0, batch: int = 3, length: int = 9, padding: str = "right"
+) -> list[dict[str, torch.Tensor]]:
+    """Random token batches with one padded sequence each (on the ``padding`` side), and class labels (used by BERT
+    only)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
         ids = torch.randint(1, VOCAB, (batch, length), generator=g)
         mask = torch.ones_like(ids)
-        mask[-1, length - 3 :] = 0
+        if padding == "right":
+            mask[-1, length - 3 :] = 0
+        else:
+            mask[-1, :3] = 0
         labels = torch.randint(0, 3, (batch,), generator=g)
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
 
 
-def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits): cross-entropy on the class for BERT, next-token cross-entropy on unpadded tokens otherwise."""
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits): cross-entropy on the class for BERT, next-token cross-entropy on unpadded tokens otherwise.
+    ``skip``: leading positions of the logits that are no input token's (HF PEFT's prompt-tuning outputs)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if skip:
+        logits = logits[:, skip:]
     if logits.dim() == 2:
         return nn.functional.cross_entropy(logits, batch["labels"]), logits
     targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)

@@ -27,6 +27,11 @@ Adapter state
     keys), :func:`no_weight_decay` (its tensors kept out of weight decay), :func:`fsdp_units` (FSDP wrapping that
     never mixes frozen and trainable tensors in one unit).
 
+Virtual tokens (prompt and prefix tuning)
+    An adapter module with ``virtual`` set adds tokens to the model's call, which the core rewrites (masks, position
+    ids, labels, the key/value cache, ``generate()``); :func:`call_site` (the module whose call is rewritten) and
+    :func:`input_embedding` (its token embedding, where such a module sits) say where.
+
 Adapter files
     :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
 """
@@ -74,6 +79,7 @@ from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
 from .report_table import Report
 from .roles import ROLES
 from .targets import name_matches, select_targets, walk
+from .virtual import call_site, input_embedding
 
 __all__ = [
     "CONFIG_FILE",
@@ -96,12 +102,14 @@ __all__ = [
     "build_config",
     "cached",
     "calibration_loss",
+    "call_site",
     "config_to_dict",
     "delete_adapter",
     "disabled",
     "fingerprint",
     "fsdp_units",
     "fused_parts",
+    "input_embedding",
     "is_conv1d",
     "input_covariance",
     "layers_of",

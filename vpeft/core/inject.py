@@ -25,6 +25,7 @@ from .modules import WHOLE, fused_parts
 from .report_table import Report
 from .roles import ROLES
 from .targets import SHARED, find_heads, name_matches, select_targets, walk
+from .virtual import input_embedding, install_hooks, require_call_site
 
 log = logging.getLogger("vpeft")
 STATE = "_vpeft"
@@ -38,6 +39,7 @@ class PeftState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     merged: list[tuple[str, Adapted]] | None = None  # wrappers a merge took out, for unmerge
     merged_shared: nn.Module | None = None
+    call_hooks: list[Any] | None = None  # the call site's hooks while an adapter has virtual tokens (virtual.py)
 
 
 def state_of(model: nn.Module, required: bool = True) -> PeftState | None:
@@ -146,6 +148,8 @@ def add_adapter(
         if not method_cls.restorable or any(not r.method_cls.restorable for r in state.adapters.values()):
             raise ValueError(f"{method!r} cannot share a model with other adapters: one of them trains base tensors.")
 
+    if method_cls.virtual:
+        require_call_site(model, method)  # before target selection: the reason is the model, not a name
     targets = select_targets(model, config, method_cls, method)
     if not prepared:  # a loaded adapter's config already holds what prepare() decided
         if method_cls.needs_calibration and calibration is None:
@@ -180,6 +184,7 @@ def add_adapter(
     if shared is not None:
         _place_like(shared, model)
     layers = [_place_like(method_cls(t, config, shared), t.module) for t in targets]  # may fail: nothing installed yet
+    site = _virtual_site(model, method, targets, layers)
 
     if state is None:
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -204,6 +209,8 @@ def add_adapter(
     except Exception:
         delete_adapter(model, adapter_name)
         raise
+    if site is not None and state.call_hooks is None:
+        state.call_hooks = install_hooks(site)
     if state.switch.active is not None and state.switch.active != adapter_name:
         log.info("vpeft: adapter %r is now active and trainable; %r is frozen", adapter_name, state.switch.active)
     state.switch.active = adapter_name
@@ -217,6 +224,23 @@ def _place_like(module: nn.Module, reference: nn.Module) -> nn.Module:
     tensors = itertools.chain(reference.parameters(), reference.buffers())
     first = next((t for t in tensors if t.is_floating_point()), None)
     return module if first is None else module.to(device=first.device, dtype=first.dtype)
+
+
+def _virtual_site(model: nn.Module, method: str, targets: list[Any], layers: list[AdapterModule]) -> nn.Module | None:
+    """The call site whose calls an adapter with virtual tokens rewrites, or None for other adapters; the module that
+    holds the virtual tokens must sit on the input embedding of that site (vpeft/core/virtual.py)."""
+    virtual = [t for t, layer in zip(targets, layers, strict=True) if layer.virtual]
+    if not virtual:
+        return None
+    site = require_call_site(model, method)
+    embedding = input_embedding(site)
+    if len(virtual) != 1 or virtual[0].module is not embedding:
+        raise ConfigError(
+            f"method {method!r} adds virtual tokens at the input token embedding of {type(site).__name__}, "
+            f"{type(embedding).__name__}; its targets select {[t.key for t in virtual]}. Leave targets at its default "
+            "('embed') or name that embedding alone."
+        )
+    return site
 
 
 def _wrapper(model: nn.Module, path: str, switch: Switch, head: bool = False) -> Adapted:
@@ -267,6 +291,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if len(container) == 0:
             del model._modules[SHARED]
     del state.adapters[name]
+    if state.call_hooks is not None and not any(r.method_cls.virtual for r in state.adapters.values()):
+        for handle in state.call_hooks:
+            handle.remove()
+        state.call_hooks = None
     if state.switch.active == name:
         state.switch.active = next(iter(state.adapters), None)
     if not state.adapters:

@@ -75,6 +75,11 @@ class AdapterModule(nn.Module):
     # of one (plus ``magnitude``). Converters to LoRA file formats (vpeft.interop) export what declares a variant, so a
     # subclass of LoRA exports as LoRA unless its math differs, in which case it declares its own variant or None.
     lora_variant: ClassVar[str | None] = None
+    # Virtual tokens (prompt and prefix tuning, vpeft/core/virtual.py): a module on the model's input embedding that
+    # adds tokens the input lacks, "embeddings" (``virtual_embeddings``) or per-layer keys and values ("cache",
+    # ``virtual_cache``); the model's call is rewritten around it. Its instances set ``num_virtual_tokens``.
+    virtual: ClassVar[str | None] = None
+    num_virtual_tokens: int = 0
 
     def __init__(self, target: Target, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()
@@ -114,6 +119,15 @@ class AdapterModule(nn.Module):
             if part in parts:
                 chunks[i] = parts[part].adapt_output(x, chunks[i])
         return torch.cat(chunks, dim=-1)
+
+    def virtual_embeddings(self, batch: int) -> Tensor:
+        """``(batch, p, D)`` embeddings prepended to the input's (``virtual = "embeddings"``)."""
+        raise NotImplementedError(f"{type(self).__name__} adds no virtual embeddings")
+
+    def virtual_cache(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+        """One ``(key, value)`` pair of ``(batch, kv_heads, p, head_dim)`` per attention layer, in layer order,
+        put into the model's key/value cache before the input (``virtual = "cache"``)."""
+        raise NotImplementedError(f"{type(self).__name__} adds no virtual keys and values")
 
     # ---- hooks, per method -------------------------------------------------------------------------------------
     @classmethod

@@ -48,5 +48,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp", r".*layer\.\d+\.output\.dense"),
     # the norm the MLP reads in a pre-norm block, whose input is the residual stream (timm/SAM, open_clip, GPT-2, Llama)
     "mlp_norm": ("norm2", "ln_2", "post_attention_layernorm"),
+    # the input token embedding of a language model (HF Llama/Mistral/Qwen, GPT-2, BERT, GPT-NeoX), where prompt and
+    # prefix tuning keep their virtual tokens (vpeft/core/virtual.py)
+    "embed": ("embed_tokens", "wte", "embeddings.word_embeddings", "embed_in"),
     "block": (r"(.*\.)?blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+", r"(.*\.)?h\.\d+"),
 }

@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..files import atomic_write
 from ..methods.ia3 import IA3
 from ..methods.vera import VeRA
-from . import hf_peft
+from . import hf_peft, hf_peft_prompts
 from .hf_peft import PREFIX
 
 SHARED_PREFIX = "base_model."  # PEFT keeps VeRA's shared projections on the tuner, above the model
@@ -57,9 +57,12 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces the vpeft model's outputs. The LoRA
     family exports as LoRA (``lora``, ``dora`` as ``use_dora``, ``ffa_lora``, ``dylora`` at its evaluation rank; see
-    :mod:`vpeft.interop.hf_peft`), ``ia3`` as IA3 and ``vera`` as VeRA (see this module's docstring).
+    :mod:`vpeft.interop.hf_peft`), ``ia3`` as IA3 and ``vera`` as VeRA (see this module's docstring),
+    ``prompt_tuning`` and ``prefix_tuning`` as PROMPT_TUNING and PREFIX_TUNING (:mod:`vpeft.interop.hf_peft_prompts`).
     """
     name, record = unmerged_adapter(model, adapter_name, "exporting")
+    if record.method_cls.virtual:  # prompt and prefix tuning
+        return hf_peft_prompts.export_prompts(model, directory, name, record)
     if issubclass(record.method_cls, IA3):
         kind = "IA3"
     elif issubclass(record.method_cls, VeRA):

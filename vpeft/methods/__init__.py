@@ -25,6 +25,8 @@ from . import (
     lora,
     lora_ga,
     pissa,
+    prefix_tuning,
+    prompt_tuning,
     repadapter,
     s2_lora,
     salt,
@@ -70,10 +72,14 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "pissa": pissa.PiSSA,
     "corda": corda.CorDA,
     "lora_ga": lora_ga.LoRAGA,
+    "prompt_tuning": prompt_tuning.PromptTuning,
+    "prefix_tuning": prefix_tuning.PrefixTuning,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
 TEXT_TOWER_METHODS = ("coop",)
+# methods that rewrite a language model's call (token embeddings, masks, cache: vpeft/core/virtual.py); a ViT refuses
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "reference points": ("full", "linear", "frozen"),
@@ -96,4 +102,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
     "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga"),
+    "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
 }

@@ -21,7 +21,14 @@ p = 50), deep 12 * 768 p (92,160 at p = 10). Not mergeable (extra tokens), and n
 for models with register or distillation tokens. Attention masks passed to the blocks are not extended for the
 prompts. Shallow VPT places zero-parameter modules on the middle blocks (they just pass the sequence on).
 A model without a patch embedding (a language model, whose attention mask, position ids and KV cache are sized to the
-input before its blocks run) is refused before anything changes.
+input before its blocks run) is refused before anything changes; ``prompt_tuning`` and ``prefix_tuning`` are the
+language-model instances, through the core's model-level call rewrite (vpeft/core/virtual.py).
+
+VPT stays on its per-block wrappers rather than moving onto that rewrite: a ViT's call carries no attention mask,
+position ids or cache for the rewrite to extend, so inserting the prompts at the first block is already exact; deep
+VPT replaces prompt *tokens* at every block's input (they pass through the block's norm, projections and MLP), which
+is neither a prompt prepended once nor a key/value prefix; and the move would change its adapter-file keys
+(``blocks.<i>.all.prompts``) for no change in the math.
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ class VPTShallow(AdapterModule):
             model,
             "inserts prompt tokens into the token sequence between blocks; a language model builds its attention "
             "mask, position ids and KV cache for the input's length before its blocks run, so tokens inserted there "
-            "break them. Prompts belong beside the patch tokens of an image",
+            "break them. Prompts belong beside the patch tokens of an image (a language model's are prompt_tuning and "
+            "prefix_tuning)",
         )
         return config
 
