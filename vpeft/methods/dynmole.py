@@ -42,6 +42,10 @@ mask, which an adapted layer does not see); the experts are computed densely wit
 the official also runs every expert on every token, each with its own dropout mask); the router runs in the model's
 dtype (float32 for half-precision models; the official: always float32); its Rényi-entropy variant is not offered.
 Wraps Linear (and HF Conv1D) and fused-projection slices. Not mergeable: the mixture weights depend on the token.
+
+Cost: a training step takes 1.33x LoRA's (r = 24 on the same two roles) at the defaults, with 1,110,144 parameters
+against 181,248 (``python V-PEFT-Bench/perf/experts_speed.py``: a random Llama 256 wide with 4 blocks, batch 4 x 128,
+one thread, process CPU time, medians of 5 rounds, this project's loaded 2-core CPU).
 """
 
 from __future__ import annotations
