@@ -37,10 +37,10 @@ def tiny_gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval()

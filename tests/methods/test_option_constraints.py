@@ -41,7 +41,7 @@ from ..test_errors import assert_unchanged, snapshot
         ("fact_tk", "r", 0, ">= 1"),  # Rank
         ("salt", "r_lora", 0, ">= 1"),  # LenientRank
         ("salt", "relu", "gelu", "one of 'elementwise', 'diag'"),  # Literal
-        ("adapter", "act", "swish", "one of 'quick_gelu', 'gelu', 'relu'"),
+        ("adapter", "act", "swish", "one of 'quick_gelu', 'gelu', 'relu', 'tanh'"),
         ("soma", "start_block", -1, ">= 0 or None"),  # a constrained type or None
         ("salt", "rank", 0, ">= 1 or None"),
     ],

@@ -4,8 +4,10 @@ A method is one :class:`AdapterModule` subclass: its ``Config`` and its math. Wh
 here, once:
 
 * :class:`Adapted` replaces a target module and holds it as ``base_layer``. For the active adapter it computes
-  ``y = base_layer(adapt_input(x))`` and then ``adapt_output(x, y)``; on a fused projection (``attn.qkv``) each
-  adapted slice gets its own module and only its columns of ``y`` change, so the other slices stay bit-identical.
+  ``y = base_layer(adapt_input(x))`` and then ``adapt_output(x, y)``, ``x`` being the first argument, by position or
+  by name (transformers' decoder layers call their attention with ``hidden_states=``); on a fused projection
+  (``attn.qkv``) each adapted slice gets its own module and only its columns of ``y`` change, so the other slices
+  stay bit-identical.
   The adapted slices of one projection are handed to one call, ``AdapterModule.adapt_slices``: by default it runs
   each slice's ``adapt_output`` on its columns; a method may override it to compute all slices at once.
 * :class:`AdaptedMHA` does the same for ``nn.MultiheadAttention``, whose projections are applied inside one functional
@@ -18,6 +20,7 @@ A shared :class:`Switch` says which adapter is active and whether all are disabl
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -197,13 +200,17 @@ class Adapted(nn.Module):
             return None
         return self.adapters[sw.active]
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         parts = self.active_parts()
         if parts is None:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
+        # the input is the first argument, passed by position or, as transformers' decoder layers call their
+        # attention (``self_attn(hidden_states=...)``), by the name of the base module's first forward parameter
+        key = None if args else self._input_name()
+        x, args = (args[0], args[1:]) if key is None else (kwargs.pop(key), args)
         whole = parts[WHOLE] if WHOLE in parts else None
         x_in = whole.adapt_input(x) if whole is not None else x
-        out = self.base_layer(x_in, *args, **kwargs)
+        out = self.base_layer(x_in, *args, **kwargs) if key is None else self.base_layer(*args, **{key: x_in}, **kwargs)
         y = out[0] if isinstance(out, tuple) else out  # HF layers return (hidden, extras...)
         if whole is not None:
             y = whole.adapt_output(x, y)
@@ -211,6 +218,14 @@ class Adapted(nn.Module):
         if sliced:  # one call for all adapted slices: a method may compute them together (LoRA: one A matmul)
             y = type(next(iter(sliced.values()))).adapt_slices(x, y, sliced, self.slices)
         return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def _input_name(self) -> str:
+        """The name of the base module's first forward parameter (``hidden_states``), for calls by keyword."""
+        name = self.__dict__.get("_input")
+        if name is None:
+            name = next(iter(inspect.signature(self.base_layer.forward).parameters))
+            self.__dict__["_input"] = name
+        return name
 
     # ---- weights, as (out, in, ...) views that merge writes through ---------------------------------------------
     def weight_views(self, part: str) -> tuple[Tensor, Tensor | None]:

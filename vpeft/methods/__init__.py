@@ -16,6 +16,7 @@ from . import (
     dora,
     dvpt,
     dylora,
+    dynmole,
     earth_adapter,
     fact,
     ffa_lora,
@@ -27,6 +28,7 @@ from . import (
     pissa,
     prefix_tuning,
     prompt_tuning,
+    mola,
     repadapter,
     s2_lora,
     salt,
@@ -74,6 +76,8 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "lora_ga": lora_ga.LoRAGA,
     "prompt_tuning": prompt_tuning.PromptTuning,
     "prefix_tuning": prefix_tuning.PrefixTuning,
+    "mola": mola.MoLA,
+    "dynmole": dynmole.DynMoLE,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -100,7 +104,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
-    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
+    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut", "mola", "dynmole"),
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
 }

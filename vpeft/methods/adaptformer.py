@@ -20,19 +20,40 @@ a common reimplementation (PETL_Vision's ``ft_mlp_ln="after"``), not the officia
 Against the official code: the official adapter output is not drop-pathed; here it joins the MLP output inside the
 block, so timm's drop path (when training with one) and LayerScale (absent on ViT-B) act on both together. The two
 agree whenever drop path is off.
+
+LLM-Adapters' parallel adapter. The parallel bottleneck of LLM-Adapters (Hu, Wang, Lan, Xu, Lim, Bing, Xu, Poria and
+Lee, "LLM-Adapters: An Adapter Family for Parameter-Efficient Fine-Tuning of Large Language Models", EMNLP 2023,
+arXiv:2304.01933; He et al.'s parallel adapter, arXiv:2110.04366) is this computation fed the input of the sub-layer it
+runs beside, ``y = f(x) + s U act(D x)``; its placements are ``targets`` without the norm tap (checked by hand on a
+Llama block in ``tests/methods/test_llm_adapters.py``):
+
+    parallel to the MLP         targets=("mlp",)        reads the MLP input norm2(x), adds to the MLP output (ViT,
+                                                         GPT-2, Llama: models whose MLP is one module)
+    parallel to attention       targets=("attn",)       reads the attention input norm1(x) (ViT, GPT-2, Llama)
+    parallel to each Linear     targets=("mlp_in", "mlp_out")   the code's form (``use_parallel_adapter``: one adapter
+                                                         beside each targeted Linear, ``W x + s U act(D x)``, D reading
+                                                         the Linear's input width and U writing its output width)
+
+The paper recommends the parallel adapter beside the MLP; its runs use a bottleneck of 256 (its code's default and
+its README's setting), scale 1, tanh, no dropout and no biases:
+``apply_method(model, "adaptformer", targets=("mlp",), dim=256, scale=1.0, act="tanh", dropout=0.0, bias=False)``.
+Against its code (``AGI-Edgerunners/LLM-Adapters``, ``peft/src/peft/tuners/bottleneck.py``): its default init ("bert":
+both projections N(0, 0.02)) does not start at the base model; here D is Kaiming-uniform and U zeros, which is its
+``"mam_adapter"`` init; its learned scalar scale is not offered. BERT's feed-forward is two modules
+(``intermediate``, ``output``), so "parallel to the MLP" there is the per-Linear form only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, DropProbability, FiniteFloat, MethodConfig, PositiveInt, Target
 from ..errors import ConfigError
-from ._blocks import Taps, block_of, dropout
+from ._blocks import ACTIVATIONS, Taps, block_of, dropout
 
 
 @dataclass
@@ -40,7 +61,9 @@ class AdaptFormerConfig(MethodConfig):
     targets: tuple[str, ...] = ("mlp", "mlp_norm")  # the norm taps the residual stream, see the module docstring
     dim: PositiveInt = 8  # bottleneck width
     scale: FiniteFloat = 0.1  # s
-    dropout: DropProbability = 0.1  # after the ReLU
+    dropout: DropProbability = 0.1  # after the activation
+    act: Literal[tuple(ACTIVATIONS)] = "relu"  # relu (AdaptFormer), gelu, quick_gelu or tanh (LLM-Adapters)
+    bias: bool = True  # biases on both projections (AdaptFormer); LLM-Adapters has none
 
 
 class AdaptFormer(AdapterModule):
@@ -58,12 +81,14 @@ class AdaptFormer(AdapterModule):
         if shared.taps.active and target.in_features != width:
             raise ConfigError(f"adaptformer on {target.name!r}: the residual stream must have the width of its output.")
         self.scale = config.scale
-        self.down = nn.Linear(width, config.dim)  # (dim, D)
-        self.up = nn.Linear(config.dim, width)  # (D, dim)
+        self.down = nn.Linear(target.in_features, config.dim, bias=config.bias)  # (dim, D_in): reads what f reads
+        self.up = nn.Linear(config.dim, width, bias=config.bias)  # (D_out, dim)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        if config.bias:
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.bias)
+        self.act = ACTIVATIONS[config.act]
         self.dropout = dropout(config.dropout)
 
     @classmethod
@@ -75,5 +100,5 @@ class AdaptFormer(AdapterModule):
             self.shared.taps.put(self.block, x)  # (B, N, D), read by the MLP of this block
             return y
         x = self.shared.taps.take(self.block, x)
-        h = self.dropout(F.relu(self.down(x)))  # (B, N, D) -> (B, N, dim)
+        h = self.dropout(self.act(self.down(x)))  # (B, N, D_in) -> (B, N, dim)
         return y + self.scale * self.up(h)  # (B, N, D)
