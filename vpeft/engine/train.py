@@ -92,7 +92,12 @@ def train(
 
     steps_per_epoch = math.ceil(len(_loader(cfg, task, datasets["train"], True, dist)) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas) if trainable else None
+    optim = cfg.optim
+    optimizer = (
+        build_optimizer(model, optim.lr, optim.weight_decay, optim.betas, optim.name, **optim.options)
+        if trainable
+        else None
+    )
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     scheduler = cosine_with_warmup(optimizer, total_steps, warmup_steps, cfg.optim.min_lr) if trainable else None
     autocast = _autocast(cfg.train.amp, device)
