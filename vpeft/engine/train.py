@@ -33,6 +33,7 @@ import vpeft
 from ..data import build_loader
 from ..errors import ConfigError, DivergedError, ExistingPathError, MissingFileError
 from ..files import atomic_write
+from ..optim import OPTIMIZERS
 from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -65,6 +66,12 @@ def train(
     """
     run_dir = Path(run_dir)
     dist = distributed.setup(cfg.train.device, cfg.train.parallel)
+    if OPTIMIZERS[cfg.optim.name].projects and dist.world > 1 and cfg.train.parallel == "fsdp":
+        dist.close()  # an SVD of a shard is not the shard of the matrix's SVD
+        raise ConfigError(
+            f"optim.name {cfg.optim.name} projects whole weight matrices, which train.parallel=fsdp shards across "
+            "processes; use train.parallel=ddp (every process holds the whole model)."
+        )
     changed = _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
     if resume and not changed and (run_dir / SUMMARY).is_file():
         summary = json.loads((run_dir / SUMMARY).read_text())
