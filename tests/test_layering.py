@@ -24,6 +24,7 @@ CORE_MAY_IMPORT = {"files", "errors"}
 RANK = {
     "core": 0,
     "methods": 1,
+    "optim": 1,
     "data": 1,
     "heads": 1,
     "backbones": 1,

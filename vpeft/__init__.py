@@ -4,6 +4,7 @@ import timm, vpeft
 model = timm.create_model("vit_base_patch16_224", num_classes=100)
 print(vpeft.apply_method(model, "lora"))     # VTAB-1k defaults: r=8 on q and v
 vpeft.save_adapter(model, "out/adapter")
+optimizer = vpeft.build_optimizer(model, "adamw", lr=1e-3)   # or galore, natural_galore, gradnorm_lorp (vpeft.optim)
 """
 
 from .api import (
@@ -24,11 +25,14 @@ from .api import (
     unmerge,
 )
 from .core import Report
+from .optim import OPTIMIZERS, build_optimizer
 
 __all__ = [
+    "OPTIMIZERS",
     "Report",
     "__version__",
     "apply_method",
+    "build_optimizer",
     "delete_adapter",
     "disabled",
     "export_hf_peft",

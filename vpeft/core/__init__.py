@@ -24,7 +24,8 @@ Adapter state
     :class:`AdapterRecord`: method, config, targets, heads), :func:`unmerged_adapter`, :func:`layers_of` and
     :func:`shared_of` (an adapter's modules), :func:`adapted_modules` (each module it changes, as an
     :class:`AdaptedModule`), :func:`adapter_tensors` and :func:`load_adapter_tensors` (its tensors under their file
-    keys), :func:`no_weight_decay` (its tensors kept out of weight decay), :func:`fsdp_units` (FSDP wrapping that
+    keys), :func:`no_weight_decay` (its tensors kept out of weight decay), :func:`lr_multipliers` (its tensors
+    trained at a multiple of the learning rate), :func:`fsdp_units` (FSDP wrapping that
     never mixes frozen and trainable tensors in one unit).
 
 Virtual tokens (prompt and prefix tuning)
@@ -63,6 +64,7 @@ from .inject import (
     disabled,
     fsdp_units,
     layers_of,
+    lr_multipliers,
     merge,
     method_loss,
     no_weight_decay,
@@ -114,6 +116,7 @@ __all__ = [
     "input_covariance",
     "layers_of",
     "load_adapter_tensors",
+    "lr_multipliers",
     "merge",
     "method_loss",
     "name_matches",

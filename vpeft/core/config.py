@@ -84,10 +84,11 @@ def _as_tuples(value: Any) -> Any:
     return value
 
 
-def build_config(config_cls: type[C], options: dict[str, Any], method: str) -> C:
+def build_config(config_cls: type[C], options: dict[str, Any], method: str, kind: str = "method") -> C:
     """Build ``config_cls(**options)``; an unknown option, a wrong type or a value outside the field's constraints
     raises :class:`~vpeft.errors.OptionTypeError` or :class:`~vpeft.errors.OptionError` naming the method, the option
-    (also as ``error.option``), the value and what is allowed."""
+    (also as ``error.option``), the value and what is allowed. ``kind`` is what the messages call the owner of the
+    options (``optimizer`` for :mod:`vpeft.optim`'s)."""
     hints = typing.get_type_hints(config_cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(config_cls)]
     checked: dict[str, Any] = {}
@@ -96,7 +97,7 @@ def build_config(config_cls: type[C], options: dict[str, Any], method: str) -> C
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise OptionTypeError(
-                f"method {method!r} has no option {key!r}.{hint} Valid options: {', '.join(names)}.", key
+                f"{kind} {method!r} has no option {key!r}.{hint} Valid options: {', '.join(names)}.", key
             )
         value = _as_tuples(value)
         if isinstance(value, str) and _admits_str_tuple(hints[key]):
@@ -104,14 +105,14 @@ def build_config(config_cls: type[C], options: dict[str, Any], method: str) -> C
         try:
             checked[key] = pydantic.TypeAdapter(hints[key]).validate_python(value, strict=True)
         except pydantic.ValidationError as err:
-            raise _option_error(method, key, value, hints[key], err.errors(include_url=False)) from None
+            raise _option_error(method, key, value, hints[key], err.errors(include_url=False), kind) from None
     config = config_cls(**checked)
     if hasattr(config, "check"):
         config.check()  # rules across several fields (groups divides dim, ...)
     return config
 
 
-def _option_error(method: str, key: str, value: Any, hint: Any, errors: list[dict]) -> OptionError:
+def _option_error(method: str, key: str, value: Any, hint: Any, errors: list[dict], kind: str) -> OptionError:
     if all(e["type"] in _VALUE_ERRORS for e in errors):
         first = errors[0]
         where = key + "".join(f"[{i}]" for i in first["loc"])  # grid[0], plan[2][1]
@@ -119,7 +120,7 @@ def _option_error(method: str, key: str, value: Any, hint: Any, errors: list[dic
         return OptionError(f"{method} option {where} must be {allowed}, got {first['input']!r}.", key)
     problems = "; ".join(f"{'/'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors)
     return OptionTypeError(
-        f"method {method!r} option {key!r} must be {_type_name(hint)}, got {value!r} ({problems}).", key
+        f"{kind} {method!r} option {key!r} must be {_type_name(hint)}, got {value!r} ({problems}).", key
     )
 
 

@@ -433,6 +433,22 @@ def no_weight_decay(model: nn.Module) -> set[int]:
     }
 
 
+def lr_multipliers(model: nn.Module) -> dict[int, float]:
+    """``id`` -> learning-rate multiplier of the active adapter's parameters that its method trains faster or slower
+    (``AdapterModule.lr_multipliers``); a parameter not listed trains at the run's learning rate."""
+    state = state_of(model, required=False)
+    if state is None or state.switch.active is None:  # a plain model: nothing to scale
+        return {}
+    record = state.adapters[state.switch.active]
+    factors = record.method_cls.lr_multipliers(record.config)
+    return {
+        id(p): float(factors[n.rsplit(".", 1)[-1]])
+        for layer in layers_of(model, state.switch.active)
+        for n, p in layer.named_parameters()
+        if n.rsplit(".", 1)[-1] in factors
+    }
+
+
 def report(model: nn.Module, name: str | None = None) -> Report:
     """The trainable-parameter table of adapter ``name`` (default: the active one)."""
     state = state_of(model)

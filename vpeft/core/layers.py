@@ -165,6 +165,13 @@ class AdapterModule(nn.Module):
         return []
 
     @classmethod
+    def lr_multipliers(cls, config: MethodConfig) -> dict[str, float]:
+        """Learning-rate multipliers of this method's own parameters, by parameter name (``{"lora_B": 16.0}`` for
+        LoRA+'s faster B): the optimiser puts them in parameter groups of their own; a name not listed trains at the
+        run's learning rate."""
+        return {}
+
+    @classmethod
     def loss(cls, config: MethodConfig, layers: list[AdapterModule], shared: nn.Module | None) -> Tensor | None:
         """An extra loss term added to the task loss during training, or None."""
         return None

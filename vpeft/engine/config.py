@@ -13,8 +13,9 @@ scalars replace), and ``--set dotted.key=value`` overrides go on top (values par
 
     python tools/train.py configs/vtab/cifar100/lora_vit_b16.yaml --set optim.lr=5e-4 method.r=16
 
-A child file that names a different ``method.name`` drops the options inherited for the earlier method; a
-``--set method.name=...`` drops nothing, so options of the previous method are reported as errors. Every error is a
+A child file (or ``--set``) that names a different ``method.name`` drops the options inherited for the earlier
+method; ``optim.name`` likewise drops the earlier optimiser's own options (``rank``...) and keeps the schedule
+(``lr``, ``warmup_epochs``...). Every error is a
 :class:`ConfigError` naming the dotted key, the file (or ``--set``) it came from, what was expected and, for an
 unknown key, the close matches.
 """
@@ -22,6 +23,7 @@ unknown key, the close matches.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
 import types
@@ -39,12 +41,14 @@ from ..core import build_config
 from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from ..methods import METHODS
+from ..optim import OPTIMIZERS, optimizer_options
 from ..registry import lookup
 from ..tasks import TASKS
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "dump_config", "config_diff"]
 
 DEFAULT_METHOD = "lora"
+DEFAULT_OPTIMIZER = "adamw"
 
 
 class _Section(BaseModel):
@@ -117,8 +121,11 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """Optimizer and learning-rate schedule; ``accumulate`` batches per optimizer step."""
+    """Optimizer and learning-rate schedule; ``accumulate`` batches per optimizer step. ``name`` is an optimiser of
+    :data:`vpeft.optim.OPTIMIZERS` (``adamw``, ``galore``...), its own options sit beside it (``rank: 128``)."""
 
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = DEFAULT_OPTIMIZER
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     betas: Pair = (0.9, 0.999)
@@ -127,6 +134,33 @@ class OptimConfig(_Section):
     label_smoothing: Unit = 0.0
     grad_clip: float | None = Field(None, gt=0.0)
     accumulate: int = Field(1, ge=1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The optimiser's own options (the keys beside ``name`` that are not the fields above)."""
+        return dict(self.model_extra or {})
+
+    @pydantic.model_validator(mode="after")
+    def _check_options(self) -> OptimConfig:
+        try:
+            spec = lookup(OPTIMIZERS, self.name, "optimizer")
+        except KeyError as err:
+            raise PydanticCustomError("optim_option", "{message}", {"key": "name", "message": err.args[0]}) from None
+        own = [f.name for f in dataclasses.fields(spec.Config)]
+        for key in self.options:
+            if key not in own:  # a typo of a schema key (lrr) or an option of another optimiser (rank with adamw)
+                valid = [*type(self).model_fields, *own]
+                close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(repr('optim.' + c) for c in close)}?" if close else ""
+                extra = f"; {self.name}'s own options: {', '.join(own)}" if own else f" ({self.name} has no options)"
+                message = f"unknown key.{hint} Valid keys here: {', '.join(type(self).model_fields)}{extra}."
+                raise PydanticCustomError("optim_option", "{message}", {"key": key, "message": message})
+        try:
+            optimizer_options(self.name, self.options)
+        except (TypeError, ValueError) as err:
+            key = getattr(err, "option", "")
+            raise PydanticCustomError("optim_option", "{message}", {"key": key, "message": str(err)}) from None
+        return self
 
 
 class TrainConfig(_Section):
@@ -242,6 +276,11 @@ def _merge(base: dict, layer: dict, origins: Origins, source: str, switch_drops:
             if value.get("name", old.get("name", DEFAULT_METHOD)) != old.get("name", DEFAULT_METHOD):
                 old = {}  # a different method: the earlier method's options do not apply
                 _record(origins, path, old, source)
+        if path == ("optim",) and switch_drops and isinstance(value, dict) and isinstance(old, dict):
+            if value.get("name", old.get("name", DEFAULT_OPTIMIZER)) != old.get("name", DEFAULT_OPTIMIZER):
+                # a different optimiser: the earlier one's options do not apply, the schedule's keys stay
+                old = {k: v for k, v in old.items() if k in OptimConfig.model_fields and k != "name"}
+                _record(origins, path, old, source)
         if isinstance(value, dict) and isinstance(old, dict):
             out[key] = _merge(old, value, origins, source, switch_drops, path)
         else:
@@ -257,6 +296,8 @@ def _walk(path: tuple[str, ...], item: str | None = None) -> tuple[type[BaseMode
     holder = ann = None
     for i, part in enumerate(path):
         if (model is MethodSection and part != "name") or typing.get_origin(model) is dict:
+            break
+        if model is OptimConfig and part not in model.model_fields:  # an optimiser's option: it names a bad one
             break
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             if item:
@@ -296,8 +337,9 @@ def _unknown_key(path: tuple[str, ...], holder: type[BaseModel]) -> str:
 
 def _describe(error: dict[str, Any], origins: Origins, top: str) -> str:
     loc = tuple(str(p) for p in error["loc"])
-    if error["type"] == "method_option":
-        loc = ("method", error["ctx"]["key"]) if error["ctx"]["key"] else ("method",)
+    if error["type"] in ("method_option", "optim_option"):
+        section = error["type"].split("_")[0]
+        loc = (section, error["ctx"]["key"]) if error["ctx"]["key"] else (section,)
     source = next((origins[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origins), top)
     dotted = ".".join(loc)
     if error["type"] == "extra_forbidden":
@@ -305,7 +347,7 @@ def _describe(error: dict[str, Any], origins: Origins, top: str) -> str:
         return f"{dotted} (in {source}): {_unknown_key(loc, holder) if holder else 'unknown key.'}"
     if error["type"] == "missing":
         return f"{dotted}: required key missing (config {top})"
-    if error["type"] in ("method_option", "task", "device"):  # messages that already name the value and the valid ones
+    if error["type"] in ("method_option", "optim_option", "task", "device"):  # messages naming the value and valid ones
         return f"{dotted} (in {source}): {error['ctx']['message']}"
     _, ann = _walk(loc)
     expected = f" (expected {_type_name(ann)})" if ann is not None and error["type"].endswith("_type") else ""
@@ -336,8 +378,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
     merged: dict[str, Any] = {}
     for data, source in _layers(Path(path), (), None):
         merged = _merge(merged, data, origins, source, switch_drops=True)
-    # a method switch comes first and drops the files' method options; options given with --set then apply to it
-    for item in sorted(overrides, key=lambda item: not item.startswith("method.name=")):
+    # a method (optimiser) switch comes first and drops the files' method (optimiser) options; options given with
+    # --set then apply to it
+    for item in sorted(overrides, key=lambda item: not item.startswith(("method.name=", "optim.name="))):
         keys, value = _override(item)
         for key in reversed(keys):
             value = {key: value}

@@ -1,44 +1,38 @@
-"""AdamW over the trainable tensors, and the per-step cosine schedule with linear warmup.
+"""The run's optimiser (``optim.name``, from the registry in :mod:`vpeft.optim`) and the per-step cosine schedule
+with linear warmup.
 
 No weight decay for biases and norm weights (tensors with one dimension), for tokens (timm's ``no_weight_decay()``
-names: ``pos_embed``, ``cls_token``...) and for the tensors a method keeps out of decay (VPT's prompts).
+names: ``pos_embed``, ``cls_token``...) and for the tensors a method keeps out of decay (VPT's prompts); a method's
+learning-rate multipliers give groups of their own (:func:`vpeft.optim.param_groups`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..core import no_weight_decay
+from ..optim import build_optimizer as _build
+from ..optim import param_groups
+
+__all__ = ["build_optimizer", "cosine_with_warmup", "param_groups"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    keep_out = no_weight_decay(model)
-    base_tokens = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        token = name.split(".")[-1] in base_tokens or name in base_tokens
-        (no_decay if p.ndim <= 1 or token or id(p) in keep_out else decay).append(p)
-    return [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], name: str = "adamw", **options: Any
+) -> torch.optim.Optimizer:
+    """Optimiser ``name`` (``adamw``: ``torch.optim.AdamW``) over the trainable tensors of ``model``."""
+    return _build(model, name, lr=lr, weight_decay=weight_decay, betas=betas, **options)
 
 
 def cosine_with_warmup(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr rises linearly over ``warmup_steps`` optimizer steps, then follows a cosine to ``min_lr`` at the last."""
-    base_lr = optimizer.param_groups[0]["lr"]
+    """lr rises linearly over ``warmup_steps`` optimizer steps, then follows a cosine to ``min_lr`` at the last
+    (``min_lr`` is that of the run's lr; a group at a multiple of it ends at the same multiple of ``min_lr``)."""
+    base_lr = optimizer.defaults["lr"]
     floor = min_lr / base_lr
 
     def factor(step: int) -> float:

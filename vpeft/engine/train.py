@@ -33,6 +33,7 @@ import vpeft
 from ..data import build_loader
 from ..errors import ConfigError, DivergedError, ExistingPathError, MissingFileError
 from ..files import atomic_write
+from ..optim import OPTIMIZERS
 from ..tasks import Task, build_task
 from . import distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -65,6 +66,12 @@ def train(
     """
     run_dir = Path(run_dir)
     dist = distributed.setup(cfg.train.device, cfg.train.parallel)
+    if OPTIMIZERS[cfg.optim.name].projects and dist.world > 1 and cfg.train.parallel == "fsdp":
+        dist.close()  # an SVD of a shard is not the shard of the matrix's SVD
+        raise ConfigError(
+            f"optim.name {cfg.optim.name} projects whole weight matrices, which train.parallel=fsdp shards across "
+            "processes; use train.parallel=ddp (every process holds the whole model)."
+        )
     changed = _check_run_dir(cfg, run_dir, resume, force)  # every rank checks before rank 0 writes anything
     if resume and not changed and (run_dir / SUMMARY).is_file():
         summary = json.loads((run_dir / SUMMARY).read_text())
@@ -92,7 +99,12 @@ def train(
 
     steps_per_epoch = math.ceil(len(_loader(cfg, task, datasets["train"], True, dist)) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas) if trainable else None
+    optim = cfg.optim
+    optimizer = (
+        build_optimizer(model, optim.lr, optim.weight_decay, optim.betas, optim.name, **optim.options)
+        if trainable
+        else None
+    )
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     scheduler = cosine_with_warmup(optimizer, total_steps, warmup_steps, cfg.optim.min_lr) if trainable else None
     autocast = _autocast(cfg.train.amp, device)

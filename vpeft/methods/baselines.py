@@ -7,7 +7,10 @@ pretrained model as it is, the zero- and few-shot rows of language-model tables.
 * ``frozen``: nothing trains, not even a head; a run only evaluates the pretrained model (with k-shot prompts:
   in-context learning, GPT-3's "zero-shot" and "few-shot" rows, Brown et al., NeurIPS 2020, arXiv:2005.14165).
 * ``full``: every parameter trains in place (VPT's "Full" row). There is no frozen base to return to, so it cannot be
-  disabled or unmerged, and its adapter file holds the whole model.
+  disabled or unmerged, and its adapter file holds the whole model. ``modules`` limits it to the parameters of the
+  modules it names (roles, suffixes or regexes, as a method's ``targets``; a fused projection trains whole): full
+  fine-tuning of chosen weights, as GaLore trains the attention and MLP matrices (``modules: [block]``: the
+  transformer blocks; the adapter file then holds only those tensors).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core import AdapterModule, MethodConfig
+from ..core import AdapterModule, MethodConfig, select_targets
 
 
 @dataclass
@@ -45,6 +48,13 @@ class Frozen(AdapterModule):
 @dataclass
 class FullConfig(MethodConfig):
     head: tuple[str, ...] | None = ()  # the head trains in place with everything else
+    modules: tuple[str, ...] = ()  # train only these modules' parameters (patterns as targets); () trains everything
+
+
+class _Whole(AdapterModule):
+    """Any module, whole: how ``full`` resolves its ``modules`` with the core's target selection."""
+
+    wraps = ("module",)
 
 
 class Full(AdapterModule):
@@ -55,4 +65,8 @@ class Full(AdapterModule):
 
     @classmethod
     def trainable_base(cls, config: FullConfig, model: nn.Module) -> list[str]:
-        return [name for name, _ in model.named_parameters()]
+        if not config.modules:
+            return [name for name, _ in model.named_parameters()]
+        chosen = MethodConfig(targets=config.modules, exclude=config.exclude, head=())
+        owned = {id(p) for t in select_targets(model, chosen, _Whole, "full") for p in t.module.parameters()}
+        return [name for name, p in model.named_parameters() if id(p) in owned]
