@@ -20,7 +20,7 @@ CLIENTS = ("tools", "V-PEFT-Bench", "datasets")  # code outside the package that
 # Leaf modules import nothing of vpeft but other leaves, and every layer may import them; the core may import
 # only the leaves named in CORE_MAY_IMPORT.
 LEAVES = {"files", "errors", "version", "registry", "deps"}
-CORE_MAY_IMPORT = {"files", "errors"}
+CORE_MAY_IMPORT = {"files", "errors", "deps"}  # deps: an optional package imported with its install hint
 RANK = {
     "core": 0,
     "methods": 1,

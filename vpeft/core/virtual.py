@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..deps import require
 from ..errors import ConfigError
 from .layers import Adapted
 from .modules import WHOLE
@@ -167,9 +168,8 @@ def _before(site: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
                 "or use prompt_tuning, whose prompts are inputs."
             )
         if cache is None:
-            from transformers import DynamicCache  # the call sites are transformers models
-
-            cache = DynamicCache(config=site.config)
+            transformers = require("transformers", "hf", "prefix tuning's key/value cache")  # call sites are HF models
+            cache = transformers.DynamicCache(config=site.config)
         for layer, (k, v) in enumerate(module.virtual_cache(batch)):
             cache.update(k, v, layer)
         kwargs[key] = cache
