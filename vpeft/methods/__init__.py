@@ -20,14 +20,18 @@ from . import (
     ffa_lora,
     hut,
     ia3,
+    kasa,
     ln_tune,
     lora,
     repadapter,
     s2_lora,
     salt,
+    soka,
     soma,
+    sorsa,
     spt,
     ssf,
+    svfit,
     vera,
     vpt,
 )
@@ -64,6 +68,10 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "dylora": dylora.DyLoRA,
     "s2_lora": s2_lora.S2LoRA,
     "hut": hut.HUT,
+    "kasa": kasa.KaSA,
+    "sorsa": sorsa.SORSA,
+    "svfit": svfit.SVFit,
+    "soka": soka.SoKA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -76,4 +84,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
     "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
+    "spectral methods on the pretrained weight's SVD": ("kasa", "sorsa", "svfit", "soka"),
 }
