@@ -28,9 +28,9 @@ gamma 4e-4 (lr 3e-5, no weight decay), targets q, k, v, o and the MLP's up and d
 also has Llama's ``gate_proj``, which no vpeft role names: add ``mlp.gate_proj`` to ``targets`` for it).
 
 Departures: the official code computes the residual in bfloat16 (``weight_dtype=torch.bfloat16``); here the base
-weight is not rewritten at all. No dropout option (the official runs use 0). The regulariser's gradient is added in
-the dtype of the adapter; under FSDP it is computed on each process's unsharded view only when the parameters are
-whole (the official trainer's setting, DDP).
+weight is not rewritten at all. No dropout option (the official runs use 0). Under DDP every process adds the same
+regulariser gradient to its averaged gradient (the factors are replicated), as the official trainer does; FSDP's
+sharded parameters are not handled by this hook (untested there).
 """
 
 from __future__ import annotations
