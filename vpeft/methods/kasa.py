@@ -8,7 +8,11 @@ Two changes to LoRA (paper Sec. 3, Eq. 5-8):
    (``k = min(out, in)`` triplets) is taken when the adapter is built, and its r *smallest* triplets (the paper's
    "noisy, long-tail knowledge") are dropped: the adapted layer computes with ``W_trunc = W - U_d S_d V_d^T``, the
    best rank-(k - r) approximation of W. This is part of the method, so the adapted model does **not** equal the
-   base at initialisation (``identity_at_init = False``); ``tests/methods/test_kasa.py`` measures the change.
+   base at initialisation (``identity_at_init = False``). Measured on SmolLM2-135M-Instruct at r = 8 on q and v
+   (``V-PEFT-Bench/perf/kasa_truncation.py``, this 2-core CPU): the dropped piece is 0.02% to 11% (median 0.6%) of
+   a weight's Frobenius norm, the narrow 192 x 576 v projections losing most, and the language-model loss of two
+   plain sentences rises from 2.98 to 8.14 before any training (HF PEFT's KaSA: 8.14 as well); training has to
+   recover that. ``tests/methods/test_kasa.py`` checks the truncated layer against a float64 SVD.
 2. **Singular-value adaptation.** ``y = W_trunc x + s B diag(d) A x`` with ``A (r, in)`` Kaiming-uniform,
    ``B (out, r)`` zeros, ``d (r,)`` ~ N(0, 1) (``lora_diag``, "Delta Sigma") and ``s = alpha / r``.
 
