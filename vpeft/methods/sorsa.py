@@ -35,6 +35,7 @@ sharded parameters are not handled by this hook (untested there).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 
 from ..core import AdapterModule, FiniteFloat, MethodConfig, NonNegativeFloat, Rank, Target
 from . import _svd
+from .lora import LoRAConfig
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SORSA(AdapterModule):
     Config = SORSAConfig
     wraps = ("linear",)
     mergeable = True
+    lora_variant = "lora"  # exports as a rank-2r LoRA (lora_factors)
+    dropout = None  # none: what LoRA exporters read as the dropout
 
     def __init__(self, target: Target, config: SORSAConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
@@ -80,6 +84,19 @@ class SORSA(AdapterModule):
 
     def delta_weight(self) -> Tensor:
         return self.scale * ((self.sorsa_B * self.sorsa_S) @ self.sorsa_A - (self.B0 * self.S0) @ self.A0)
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """The update as one rank-2r LoRA, exactly: ``A = [diag(S) A; -diag(S0) A0]`` (2r, in),
+        ``B = [B, B0]`` (out, 2r), with the scale s; what the Hugging Face PEFT export writes."""
+        a = torch.cat([self.sorsa_S[:, None] * self.sorsa_A, -(self.S0[:, None] * self.A0)])
+        return a, torch.cat([self.sorsa_B, self.B0], 1), self.scale
+
+    @classmethod
+    def as_lora(cls, config: SORSAConfig) -> LoRAConfig:
+        """The vpeft LoRA an exported SORSA adapter reads back as: rank 2r, the same scale, no dropout."""
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(MethodConfig)}
+        scale = 1.0 if config.alpha is None else config.alpha / config.r
+        return LoRAConfig(**fields, r=2 * config.r, alpha=2 * config.r * scale, dropout=0.0)
 
     @staticmethod
     def orthonormal_penalty(layers: list[AdapterModule]) -> Tensor | None:

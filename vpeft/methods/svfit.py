@@ -29,6 +29,7 @@ fused-projection slices.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from ..core import AdapterModule, MethodConfig, NonNegativeInt, ProperFraction, Rank, Target
 from . import _svd
+from .lora import LoRAConfig
 
 
 @dataclass
@@ -69,6 +71,8 @@ class SVFit(AdapterModule):
     Config = SVFitConfig
     wraps = ("linear",)
     mergeable = True
+    lora_variant = "lora"  # exports as a rank-r LoRA per target (lora_factors)
+    dropout = None  # none: what LoRA exporters read as the dropout
 
     def __init__(self, target: Target, config: SVFitConfig, shared: nn.Module | None = None):
         super().__init__(target, config, shared)
@@ -98,3 +102,16 @@ class SVFit(AdapterModule):
 
     def delta_weight(self) -> Tensor:
         return (self.U * (self.sigma - self.S0)) @ self.Vh
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """The update as a rank-r LoRA with scale 1, exactly: ``A = diag(sigma - S_r) V_r^T``, ``B = U_r``; what the
+        Hugging Face PEFT export writes (targets of other ranks go to PEFT's ``rank_pattern``)."""
+        return (self.sigma - self.S0)[:, None] * self.Vh, self.U, 1.0
+
+    @classmethod
+    def as_lora(cls, config: SVFitConfig) -> LoRAConfig:
+        """The vpeft LoRA an exported SVFit adapter reads back as: rank r, scale 1, no dropout. One LoRA config has one
+        rank, so an adapter whose ranks differ by target (the energy rule) exports to PEFT but does not read back."""
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(MethodConfig)}
+        r = max(k for _, k in config.ranks)
+        return LoRAConfig(**fields, r=r, alpha=float(r), dropout=0.0)
