@@ -27,6 +27,9 @@ Defaults: the official Llama-2-7B run (``scripts/train_sorsa.sh``, ``run.py``): 
 gamma 4e-4 (lr 3e-5, no weight decay), targets q, k, v, o and the MLP's up and down projections (the official list
 also has Llama's ``gate_proj``, which no vpeft role names: add ``mlp.gate_proj`` to ``targets`` for it).
 
+Export: the update is one rank-2r product, ``[B, B0] [diag(S) A; -diag(S0) A0]``, so ``vpeft.export_hf_peft``
+writes it as an exact Hugging Face PEFT LoRA of rank 2r (and ``vpeft.import_hf_peft`` reads it back as a vpeft LoRA).
+
 Departures: the official code computes the residual in bfloat16 (``weight_dtype=torch.bfloat16``); here the base
 weight is not rewritten at all. No dropout option (the official runs use 0). Under DDP every process adds the same
 regulariser gradient to its averaged gradient (the factors are replicated), as the official trainer does; FSDP's

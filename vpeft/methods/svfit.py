@@ -21,6 +21,10 @@ of the spectrum (the weights are far from low rank): that is how the paper's "16
 comes out on RoBERTa-base, whose q and v LoRA r = 8 has 8 * (768 + 768) = 12,288 parameters per matrix against
 SVFit's at most 768.
 
+Export: the update ``U_r diag(sigma - S_r) V_r^T`` is a rank-r product, written by ``vpeft.export_hf_peft`` as an
+exact Hugging Face PEFT LoRA (scale 1; targets of different ranks through PEFT's ``rank_pattern``); it reads back into
+vpeft as a LoRA when all targets have one rank (a fixed ``r``).
+
 Defaults: q and v (the paper's NLU setting compares against LoRA on the query and value projections), energy 0.99.
 vpeft's reading, not verified against code (none is public): the energy measure (squared singular values, i.e.
 Frobenius energy; the paper says "information"), and the fixed-r option. Wraps Linear (and HF Conv1D) and
