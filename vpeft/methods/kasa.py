@@ -2,7 +2,7 @@
 Adaptation of Large Language Models", ICLR 2025, arXiv:2412.06071; official code ``juyongjiang/KaSA``, and HF PEFT's
 ``LoraConfig(kasa_config=KasaConfig(...))``, which this module reproduces).
 
-Two changes to LoRA (paper Sec. 3, Eq. 5-8):
+Two changes to LoRA (the paper's method section; equation numbers as PEFT's ``KasaConfig`` cites them):
 
 1. **Knowledge-based truncation of the base, on purpose.** The float32 SVD ``W = U S V^T`` of each target weight
    (``k = min(out, in)`` triplets) is taken when the adapter is built, and its r *smallest* triplets (the paper's
@@ -16,7 +16,7 @@ Two changes to LoRA (paper Sec. 3, Eq. 5-8):
 2. **Singular-value adaptation.** ``y = W_trunc x + s B diag(d) A x`` with ``A (r, in)`` Kaiming-uniform,
    ``B (out, r)`` zeros, ``d (r,)`` ~ N(0, 1) (``lora_diag``, "Delta Sigma") and ``s = alpha / r``.
 
-Training adds the regulariser (Eq. 9-11) as the method's loss (``loss``):
+Training adds the regulariser (paper Eq. 9-11, as PEFT cites them) as the method's loss (``loss``):
 
     beta * sum_l ||d_l||^2 + gamma * sum_l (||B_l^T B_l - I_r||_F + ||A_l A_l^T - I_r||_F)
 

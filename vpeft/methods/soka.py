@@ -7,7 +7,7 @@ rearrangement ``R(W)`` ``(m1 n1 x m2 n2)`` has one row per ``m2 x n2`` block of 
 ``R[(i1, j1), (i2, j2)] = W[i1 m2 + i2, j1 n2 + j2]``, so that ``R(U (x) V) = vec(U) vec(V)^T``: a Kronecker sum is a
 low-rank R, and the SVD ``R = sum_k sigma_k u_k v_k^T`` gives the nearest sums of Kronecker products,
 
-    W = sum_k sigma_k U_k (x) V_k,    U_k = u_k as (m1 x n1),  V_k = v_k as (m2 x n2)     (paper Eq. 4-6, Alg. 1)
+    W = sum_k sigma_k U_k (x) V_k,    U_k = u_k as (m1 x n1),  V_k = v_k as (m2 x n2)     (the paper's Alg. 1)
 
 with the truncation to the top r terms the best Kronecker-rank-r approximation in the Frobenius norm. The principal
 r terms initialise the adapter, PiSSA-style, and train (``U_k``, ``V_k`` and ``sigma_k``); the rest of W is a frozen

@@ -3,7 +3,7 @@ Orthonormal Regularized Singular Vectors Adaptation of Large Language Models", a
 ``Gunale0926/SORSA``, ``sorsalib/src/sorsa/{layer,trainer}.py``).
 
 Each target weight's float32 SVD ``W = U S V^T`` (taken when the adapter is built, on the loaded weight) gives the
-principal part, which trains, and the residual, which stays frozen (paper Eq. 2-5, ``sorsa_init``):
+principal part, which trains, and the residual, which stays frozen (the official ``sorsa_init``):
 
     A = V_p^T (r, in),  S = S_p (r,),  B = U_p (out, r),    W_r = W - s B0 diag(S0) A0
     y = W_r x + s B diag(S) A x = W x + s (B diag(S) A - B0 diag(S0) A0) x
@@ -12,7 +12,7 @@ with ``s = alpha / r`` (``alpha=None``: s = 1, the official default). A0, S0, B0
 persistent buffers, so the residual is never stored as a matrix, the base weight stays untouched (``disabled()``,
 unmerge) and at init the update is exactly zero: the adapted model and the merged weight equal the base bit for bit.
 
-**Orthonormal regulariser and its schedule** (Eq. 6-9, ``calc_ortho`` and the trainer): the mean over all adapted
+**Orthonormal regulariser and its schedule** (the official ``calc_ortho`` and trainer): the mean over all adapted
 A and B of ``||A A^T - I_r||_F`` and ``||B^T B - I_r||_F`` (:meth:`SORSA.orthonormal_penalty`), whose gradient is
 added with weight ``gamma / lr`` *after* gradient clipping and before the optimizer step, in a separate backward
 pass: the step it causes is then about ``gamma`` whatever the learning rate (the paper's decoupling). Here that

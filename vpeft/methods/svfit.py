@@ -2,7 +2,7 @@
 Large Pre-Trained Models Using Singular Values", arXiv:2409.05926).
 
 Each target weight is split by its float32 SVD ``W = U S V^T`` (taken when the adapter is built, on the loaded
-weight) into its best rank-r part and the rest (paper Eq. 3-5):
+weight) into its best rank-r part and the rest (the paper's ``W = W_r + W_e``):
 
     W = U_r diag(sigma) V_r^T + W_e,    sigma in R^r trainable, initialised to the top-r singular values S_r;
                                           U_r, V_r and W_e = W - U_r diag(S_r) V_r^T frozen
