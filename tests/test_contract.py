@@ -31,6 +31,7 @@ TRAINED = [m for m in ALL if m != "frozen"]
 TINY_OPTIONS: dict[str, dict] = {
     "spt_lora": {"param_budget": 0.003, "drop_path": 0.0},
     "spt_adapter": {"param_budget": 0.003, "drop_path": 0.0},
+    "sorsa": {"r": 8},  # the official r = 128 is above the tiny ViT's width (64)
 }
 
 

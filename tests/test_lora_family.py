@@ -60,7 +60,7 @@ def test_a_variant_with_other_math_is_refused(tmp_path, monkeypatch):
     model = tiny_vit()
     vpeft.apply_method(model, "gated_lora")
     with pytest.raises(
-        ValueError, match=r"only the LoRA family \(lora, dora[^)]*\), ia3 and vera have PEFT counterparts"
+        ValueError, match=r"only the LoRA family \(lora, dora[^)]*\), ia3, vera and kasa have PEFT counterparts"
     ):
         vpeft.export_hf_peft(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -10,7 +10,9 @@
 3. Both take the same AdamW steps on the same batches; the logits of every step and the trained tensors must agree.
 4. vpeft's trained adapter, exported with ``vpeft.export_hf_peft``, loads in ``peft`` and gives the same logits.
 
-IA3 and VeRA reuse it with their own mapping entries (tests/lm/test_vector_methods_peft.py).
+IA3 and VeRA reuse it with their own mapping entries (tests/lm/test_vector_methods_peft.py). A method with a
+regulariser (KaSA) passes ``their_loss``: then each side trains on its task loss plus its own regulariser (vpeft's
+``method_loss``, PEFT's function of its model), and the two regularisers' values are compared at every step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ PEFT_NAMES: list[tuple[str, str]] = [
     (r"^(?P<path>.+)\.all\.magnitude$", r"\g<path>.lora_magnitude_vector.default.weight"),
     (r"^(?P<path>.+)\.all\.ia3_l$", r"\g<path>.ia3_l.default"),  # vpeft (n,), peft (out, 1) or (1, in)
     (r"^(?P<path>.+)\.all\.vera_lambda_(?P<v>[bd])$", r"\g<path>.vera_lambda_\g<v>.default"),
+    (r"^(?P<path>.+)\.all\.lora_diag$", r"\g<path>.lora_diag.default"),  # KaSA's singular values
     (r"^(?P<head>.+)\.(?P<tensor>weight|bias)$", r"\g<head>.modules_to_save.default.\g<tensor>"),  # a head copy
 ]
 
@@ -58,6 +61,7 @@ class SideBySide:
     tensor_scale: float = 0.0  # the largest entry of those tensors (CorDA's A is large: C^-1 in it)
     export_diff: float = 0.0  # vpeft's exported adapter loaded in peft, against the vpeft model
     moved: float = 0.0  # how far training moved the logits (so that agreement is not agreement at rest)
+    loss_diffs: list[float] = field(default_factory=list)  # |vpeft's method loss - their_loss| at each step
 
 
 def train_side_by_side(
@@ -70,6 +74,7 @@ def train_side_by_side(
     export_dir: Path | None = None,
     calibration: list | None = None,
     make_theirs: Callable[[nn.Module], nn.Module] | None = None,
+    their_loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> SideBySide:
     """``calibration`` goes to vpeft's apply; ``make_theirs(base copy)``, when given, builds the peft model in place
     of ``peft.get_peft_model(base copy, peft_config)`` (CorDA and LoRA-GA run PEFT's preprocessing first)."""
@@ -94,14 +99,20 @@ def train_side_by_side(
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr) for m in (ours, theirs)]
     for step in range(steps + 1):
         outputs = []
+        extras = []
         for model, optimizer in zip((ours, theirs), optimizers, strict=True):
             loss, logits = task_loss(model, data[step])
             outputs.append(logits.detach())
+            if their_loss is not None:
+                extras.append(vpeft.method_loss(model) if model is ours else their_loss(model))
+                loss = loss + extras[-1]
             if step < steps:  # the last batch is only evaluated
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         report.logit_diffs.append((outputs[0] - outputs[1]).abs().max().item())
+        if extras:
+            report.loss_diffs.append((extras[0] - extras[1]).abs().item())
     report.moved = (outputs[0] - start).abs().max().item()
     their_params = dict(theirs.named_parameters())
     report.tensor_diff = max(

@@ -112,7 +112,7 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
     if flags is None:
         raise ConfigError(
             f"cannot export adapter {name!r} (method {record.method!r}) to Hugging Face PEFT: only the LoRA family "
-            f"({', '.join(_lora_family())}), ia3 and vera have PEFT counterparts; save it with vpeft.save_adapter."
+            f"({', '.join(_lora_family())}), ia3, vera and kasa have PEFT counterparts; save it with save_adapter."
         )
     use_dora = flags["use_dora"]
     modules = dict(walk(model))

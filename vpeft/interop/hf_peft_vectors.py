@@ -1,7 +1,8 @@
-"""Hugging Face PEFT IA3 and VeRA directories, and the export entry point that picks the format by method.
+"""Hugging Face PEFT IA3, VeRA and KaSA directories, and the export entry point that picks the format by method.
 
-:func:`export_hf_peft` writes ``ia3`` adapters as ``peft_type: "IA3"``, ``vera`` adapters as ``peft_type: "VERA"``
-and hands every other method to the LoRA exporter (:mod:`vpeft.interop.hf_peft`). The mappings:
+:func:`export_hf_peft` writes ``ia3`` adapters as ``peft_type: "IA3"``, ``vera`` adapters as ``peft_type: "VERA"``,
+``kasa`` as a LoRA with ``kasa_config``, and hands every other method to the LoRA exporter
+(:mod:`vpeft.interop.hf_peft`). The mappings:
 
 ===============================================  ============================================================
 vpeft                                            Hugging Face PEFT
@@ -12,10 +13,13 @@ IA3 on slices ``path[k]``, ``path[v]``           one (out, 1) vector on the whol
                                                    on their rows, ones on the rows of untouched slices (exact)
 VeRA ``vera_lambda_b`` (out,), ``_d`` (r,)       ``base_model.model.<path>.vera_lambda_b`` / ``vera_lambda_d``
 VeRA shared ``vera_A`` (r, in), ``vera_B``       ``base_model.vera_A`` / ``base_model.vera_B`` (``save_projection``)
+KaSA ``lora_A``, ``lora_B``, ``lora_diag``       ``...lora_A.weight``, ``...lora_B.weight``, ``...lora_diag``; a LoRA
+                                                   config with ``kasa_config`` (PEFT truncates W when it loads)
 head copy                                        ``base_model.model.<head>.<tensor>``; ``head`` in modules_to_save
 ===============================================  ============================================================
 
-VeRA on slices of a fused projection is refused: PEFT keeps one ``d`` per module, and vpeft's slices each have one.
+VeRA on slices of a fused projection is refused: PEFT keeps one ``d`` per module, and vpeft's slices each have one;
+so is KaSA on slices or on GPT-2's Conv1D (PEFT truncates whole ``nn.Linear`` weights only).
 Import of these formats into vpeft is not provided (``vpeft.import_hf_peft`` reads LoRA directories).
 """
 
@@ -45,6 +49,7 @@ from ..core import (
 from ..errors import ConfigError
 from ..files import atomic_write
 from ..methods.ia3 import IA3
+from ..methods.kasa import KaSA
 from ..methods.vera import VeRA
 from . import hf_peft, hf_peft_prompts
 from .hf_peft import PREFIX
@@ -57,8 +62,9 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces the vpeft model's outputs. The LoRA
     family exports as LoRA (``lora``, ``dora`` as ``use_dora``, ``ffa_lora``, ``dylora`` at its evaluation rank; see
-    :mod:`vpeft.interop.hf_peft`), ``ia3`` as IA3 and ``vera`` as VeRA (see this module's docstring),
-    ``prompt_tuning`` and ``prefix_tuning`` as PROMPT_TUNING and PREFIX_TUNING (:mod:`vpeft.interop.hf_peft_prompts`).
+    :mod:`vpeft.interop.hf_peft`), ``ia3`` as IA3, ``vera`` as VeRA and ``kasa`` as a LoRA with ``kasa_config`` (see
+    this module's docstring), ``prompt_tuning`` and ``prefix_tuning`` as PROMPT_TUNING and PREFIX_TUNING
+    (:mod:`vpeft.interop.hf_peft_prompts`).
     """
     name, record = unmerged_adapter(model, adapter_name, "exporting")
     if record.method_cls.virtual:  # prompt and prefix tuning
@@ -67,6 +73,8 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
         kind = "IA3"
     elif issubclass(record.method_cls, VeRA):
         kind = "VERA"
+    elif issubclass(record.method_cls, KaSA):
+        kind = "KASA"
     else:
         return hf_peft.export_hf_peft(model, directory, name)
     modules = dict(walk(model))
@@ -80,7 +88,9 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
             )
             continue
         paths.append(adapted.path)
-        if kind == "IA3":
+        if kind == "KASA":
+            tensors.update(_kasa_tensors(adapted, modules))
+        elif kind == "IA3":
             vector, is_ff = _ia3_vector(adapted)
             tensors[f"{PREFIX}{adapted.path}.ia3_l"] = vector
             if is_ff:
@@ -95,6 +105,12 @@ def export_hf_peft(model: nn.Module, directory: str | os.PathLike, adapter_name:
         # a full-match regex: PEFT matches a feedforward *list* entry by plain str.endswith, without a dot boundary
         ff = "(?:" + "|".join(re.escape(p) for p in feedforward) + ")" if feedforward else []
         config.update({"peft_type": "IA3", "feedforward_modules": ff, "init_ia3_weights": True})
+    elif kind == "KASA":
+        config.update({
+            "peft_type": "LORA", "r": options.r, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
+            "kasa_config": {"beta": options.beta, "gamma": options.gamma}, "bias": "none", "use_dora": False,
+            "use_rslora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+        })  # fmt: skip
     else:
         shared = shared_of(model, name)
         tensors[f"{SHARED_PREFIX}vera_A"] = shared.vera_A.detach()
@@ -143,6 +159,25 @@ def _ia3_vector(adapted: AdaptedModule) -> tuple[Tensor, bool]:
     for part, module in parts.items():
         vector[adapted.slices[part]] = module.ia3_l.detach()
     return vector[:, None], False
+
+
+def _kasa_tensors(adapted: AdaptedModule, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """PEFT's KaSA tensors of one whole Linear. PEFT truncates the module's whole weight when it loads the adapter,
+    as vpeft does per target, so slices of a fused projection (whose weight vpeft truncates slice by slice) and
+    GPT-2's Conv1D (which PEFT's KaSA refuses) cannot be written."""
+    if WHOLE not in adapted.parts or is_conv1d(modules[adapted.path]):
+        what = f"slices {sorted(adapted.parts)} of" if WHOLE not in adapted.parts else "the Conv1D"
+        raise ConfigError(
+            f"cannot export KaSA on {what} {adapted.path!r} to Hugging Face PEFT: PEFT's KaSA truncates whole "
+            "nn.Linear weights only, and vpeft truncated each slice on its own. Apply kasa to whole nn.Linear "
+            "modules to export it, or save it with vpeft.save_adapter."
+        )
+    module, prefix = adapted.parts[WHOLE], f"{PREFIX}{adapted.path}"
+    return {
+        f"{prefix}.lora_A.weight": module.lora_A.detach(),
+        f"{prefix}.lora_B.weight": module.lora_B.detach(),
+        f"{prefix}.lora_diag": module.lora_diag.detach(),
+    }
 
 
 def _vera_vectors(adapted: AdaptedModule) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ from . import (
     ffa_lora,
     hut,
     ia3,
+    kasa,
     ln_tune,
     lora,
     lora_ga,
@@ -32,9 +33,12 @@ from . import (
     repadapter,
     s2_lora,
     salt,
+    soka,
     soma,
+    sorsa,
     spt,
     ssf,
+    svfit,
     vera,
     vpt,
 )
@@ -78,6 +82,10 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "prefix_tuning": prefix_tuning.PrefixTuning,
     "mola": mola.MoLA,
     "dynmole": dynmole.DynMoLE,
+    "kasa": kasa.KaSA,
+    "sorsa": sorsa.SORSA,
+    "svfit": svfit.SVFit,
+    "soka": soka.SoKA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -105,6 +113,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
     "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut", "mola", "dynmole"),
-    "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga"),
+    "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga", "kasa", "sorsa", "svfit", "soka"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
 }
