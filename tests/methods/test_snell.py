@@ -128,3 +128,18 @@ def test_count_and_bad_options(vit_b16):
         vpeft.apply_method(TwoLayers(), "snell", targets=("fc1",), r=5)
     with pytest.raises(UserError, match="sparsity"):
         vpeft.apply_method(TwoLayers(), "snell", targets=("fc1",), sparsity=1.0)
+
+
+def test_bfloat16_layers_compute_the_kernel_in_float32():
+    """cdist has no bfloat16 CPU kernel: the kernel is formed in float32, so a bf16 model trains and merges."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24)).to(torch.bfloat16)
+    vpeft.apply_method(model, "snell", targets=("0",), r=R, sparsity=S, dropout=0.0, head=())
+    layer = layers_of(model, "default")[0]
+    expected = update_by_hand(layer.snell_A.detach().float(), layer.snell_B.detach().float())
+    torch.testing.assert_close(layer.delta_weight().detach(), expected, rtol=1e-5, atol=1e-9)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    model(x).float().sum().backward()
+    assert layer.snell_A.grad.dtype == torch.bfloat16 and layer.snell_A.grad.abs().sum() > 0
+    vpeft.merge(model)
+    assert model[0].weight.dtype == torch.bfloat16

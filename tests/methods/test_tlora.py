@@ -141,3 +141,18 @@ def test_on_a_fused_conv1d_each_slice_gets_its_own_transform():
 def test_count(vit_b16):
     report = vpeft.apply_method(copy.deepcopy(vit_b16), "tlora")
     assert report.trainable == 2 * 12 * (24**2 + 32**2 + 8 * (768 + 768)) == 333_312
+
+
+def test_bfloat16_merges_and_unmerges():
+    """There is no bfloat16 LU on the CPU: unmerge solves in float32 and casts back."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 24)).to(torch.bfloat16)
+    model = copy.deepcopy(base)
+    vpeft.apply_method(model, "tlora", targets=("0",), r=R, dropout=0.0, head=())
+    randomise(model)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    before = model(x)
+    vpeft.merge(model)
+    torch.testing.assert_close(model(x), before, rtol=5e-2, atol=5e-2)
+    vpeft.unmerge(model)
+    torch.testing.assert_close(model[0].base_layer.weight, base[0].weight, rtol=5e-2, atol=2e-2)

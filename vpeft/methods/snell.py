@@ -102,13 +102,15 @@ class SNELL(AdapterModule):
         self.snell_B = nn.Parameter(torch.empty(config.heads, target.out_features, width))  # (H, out, r/H)
         nn.init.kaiming_uniform_(self.snell_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.snell_B, a=math.sqrt(5))
-        signs = [(-1.0) ** h for h in range(config.heads)]
-        self.register_buffer("coeff", config.scale * torch.tensor(signs), persistent=False)  # (H,), c (-1)^h
+        # c (-1)^h as Python floats, not a buffer: model.to(bfloat16) would round c = 0.1 to 0.10009765625
+        self.coeff = [config.scale * (-1.0) ** h for h in range(config.heads)]
 
     def kernel(self) -> Tensor:
-        """``K`` (out, in): ``sum_h coeff_h * ||b_i^(h) - a_j^(h)||_p``."""
-        dist = torch.cdist(self.snell_B, self.snell_A, p=self.p)  # (H, out, in)
-        return torch.einsum("h,hoi->oi", self.coeff.to(dist.dtype), dist)
+        """``K`` (out, in): ``sum_h coeff_h * ||b_i^(h) - a_j^(h)||_p``, in float32 at least (``cdist`` has no
+        half-precision CPU kernel, and the quantile of a half-precision matrix would tie many entries)."""
+        dtype = torch.promote_types(self.snell_A.dtype, torch.float32)
+        dist = torch.cdist(self.snell_B.to(dtype), self.snell_A.to(dtype), p=self.p)  # (H, out, in)
+        return torch.einsum("h,hoi->oi", dist.new_tensor(self.coeff), dist)
 
     def delta_weight(self) -> Tensor:
         """``Delta W`` (out, in): the kernel matrix sparsified by competition."""

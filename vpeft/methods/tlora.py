@@ -132,6 +132,7 @@ class TLoRA(LoRA):
         return rotated + self.residual().to(weight.dtype), bias
 
     def unmerged(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        t = self.transform_matrix().to(weight.dtype)
-        rest = (weight - self.residual().to(weight.dtype)).flatten(1)
-        return torch.linalg.solve(t, rest).view(weight.shape), bias
+        # solved in float32 at least: there is no half-precision LU, and it would lose the digits the inverse needs
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        rest = (weight.to(dtype) - self.residual().to(dtype)).flatten(1)
+        return torch.linalg.solve(self.transform_matrix().to(dtype), rest).view(weight.shape).to(weight.dtype), bias
