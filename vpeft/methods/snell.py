@@ -23,7 +23,8 @@ LoRA's state. The dense ``(d_out, d_in)`` kernel matrix exists only inside the f
 with ``checkpoint=True`` (the official code's ``torch.utils.checkpoint`` around the layer) it is not kept between
 them but recomputed in backward, so a training step holds one layer's dense matrices at a time instead of every
 layer's. A dense sparse tuning (a full-size trainable delta with a mask) keeps, per layer, the delta, its gradient
-and two Adam moments. ``tools/snell_memory.py`` measures both.
+and two Adam moments. ``V-PEFT-Bench/perf/snell_memory.py`` measures both (results in
+``V-PEFT-Bench/perf/results/cpu-snell-memory.md``).
 
 Parameters: ViT-B/16 with the defaults (q, k, v, attention output, MLP in and out; r = 32):
 12 * 32 * (4 * (768 + 768) + 2 * (768 + 3072)) = 5,308,416.
