@@ -34,11 +34,13 @@ from . import (
     s2_lora,
     salt,
     soka,
+    snell,
     soma,
     sorsa,
     spt,
     ssf,
     svfit,
+    tlora,
     vera,
     vpt,
 )
@@ -86,6 +88,8 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "sorsa": sorsa.SORSA,
     "svfit": svfit.SVFit,
     "soka": soka.SoKA,
+    "snell": snell.SNELL,
+    "tlora": tlora.TLoRA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -112,7 +116,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
-    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut", "mola", "dynmole"),
+    "layer-level language-model methods": (
+        "ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut", "tlora", "snell", "neuroada", "s2ft", "mola", "dynmole",
+    ),
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga", "kasa", "sorsa", "svfit", "soka"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
 }

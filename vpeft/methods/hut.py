@@ -11,15 +11,22 @@ the adapted model equals the base model at initialisation; ``W0 ⊙ (1 + s B A)`
 element-wise division (to float rounding, as IA3). Parameters are LoRA's: ``r (d_in + d_out)`` per target, 294,912
 on ViT-B/16 q and v at r = 8.
 
-Sources and choices. There is no public code, and the paper's method section was not available here; the form is
-the one the project's notes (``methods-lm.md`` 1.8) give from the abstract ("updates the original weight matrix using
-the Hadamard transformation with two low-rank matrices"), with the identity at init the notes ask for. It is the
-form of HF PEFT's HiRA (``W0 + W0 ⊙ B A``). The notes mark the exact parametrisation unverified; so is everything
-below, vpeft's choice: the init (LoRA's), the ``alpha / r`` scale, the defaults (r = 8 on q and v, alpha = 8,
-dropout 0.1 on the branch input, as vpeft's LoRA). Cost: each forward forms ``W0 ⊙ B A`` (out x in, r multiply-adds
-per entry) and applies it as a second matmul of the layer's size, about twice the base layer's work; the paper's
-claim of fewer training FLOPs than LoRA is not reproduced by this form. Wraps Linear (and HF Conv1D) and
-fused-projection slices.
+Sources and choices (checked in session 7 against what could be reached). Verified against the paper's abstract
+(arXiv:2409.13501v1, read through the search tool's stored copies of the arXiv page and of two paper digests,
+sciencestack.ai and deeppaper.ai): the "direct Updated Transformation" paradigm, a transformation from the original
+to the updated parameters rather than an added increment, so the two stay correlated; HUT "updates the original
+weight matrix using the Hadamard transformation with two low-rank matrices"; no inference latency (it merges);
+experiments on RoBERTa-large (GLUE) and GPT-2 (E2E NLG); and the claim of fewer training FLOPs than LoRA. The form
+here is consistent with all of it. Not verified, because the stored copies hold only the opening of each page (the
+method section, its equations and the hyper-parameter tables were not reachable) and no official code exists in
+the code index: where the Hadamard factor sits (``W0 ⊙ (1 + s B A)`` here, HF PEFT's HiRA form, against
+e.g. ``W0 ⊙ (B A)``), the initialisation (LoRA's), the ``alpha / r`` scale and the defaults (r = 8 on q and v,
+alpha = 8, dropout 0.1 on the branch input, as vpeft's LoRA), all vpeft's. The project's notes
+(``methods-lm.md`` 1.8) record the same gap. Cost: each forward forms ``W0 ⊙ B A`` (out x in, r multiply-adds per
+entry) and applies it as a second matmul of the layer's size, about twice the base layer's work; the paper's claim
+of fewer training FLOPs than LoRA is not reproduced by this form, which is a hint that the paper's computation
+differs (its saving may come from how it evaluates the product); without the method section this stays open.
+Wraps Linear (and HF Conv1D) and fused-projection slices.
 """
 
 from __future__ import annotations

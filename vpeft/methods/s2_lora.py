@@ -16,14 +16,21 @@ one pair (ViT-B/16 q and v: one 768 x 768 pair; Llama's narrower grouped k/v get
 The penalty is ``sparsity * sum_l ||lambda_l||_1`` over the adapter's targets, added to the task loss (the method's
 ``loss``); ``sparsity=0`` turns it off.
 
-Sources and choices. The paper has no public code, and its method section was not available here: the equation is
-the one the abstract and the project's notes (``methods-lm.md`` 1.11) give, ``Delta W_l = B Lambda_l A``. Not
-verified, so vpeft's choices, named as such: the initialisation (A and B drawn as nn.Linear's weights,
-Kaiming-uniform, since ``lambda = 0`` already makes the start an identity and random factors give ``lambda`` a
-gradient at the first step, as AdaLoRA's zero-initialised ``Lambda`` between random ``P``, ``Q``), the ``alpha / r``
-scale (LoRA's), the penalty weight 1e-4 and its form (plain L1 on ``lambda``, no AdaLoRA orthogonality term, no
-pruning schedule), and sharing by shape rather than one pair for the whole model (the only way to share between
-weights of different shapes without padding). Defaults: r = 8 on q and v, alpha = 8, dropout 0.1, as vpeft's LoRA.
+Sources and choices (checked in session 7 against what could be reached). Verified against the paper's abstract and
+the opening of its introduction (arXiv:2309.11756v2 HTML, read through the search tool's stored copy; also the
+sciencestack.ai digest): only reparametrisations that add no inference cost are studied (so the update must merge,
+as here); LoRA and AdaLoRA are compared and AdaLoRA's "learnable rank coefficient is a good design"; in S2-LoRA "the
+two low-rank decomposed matrices are globally shared" and "each weight matrix only has to maintain its specific rank
+coefficients that are constrained to be sparse"; the trainable share is about 0.02% of Whisper's parameters; the
+learned rank pattern resembles AdaLoRA's allocation. ``Delta W_l = B Lambda_l A`` with shared A, B and a sparse
+per-weight diagonal ``Lambda_l`` matches every one of these statements, so the equation stands. Not verified, because
+the method section was not reachable (the stored copies hold only the opening of each page) and the paper has no
+public code: how "globally" the pair is shared across weights of different shapes (here one pair per shape, the
+only sharing that needs no padding), how sparsity is imposed (here an L1 penalty, weight 1e-4, with no pruning
+schedule and no AdaLoRA orthogonality term), the initialisation (A and B drawn as nn.Linear's weights,
+Kaiming-uniform, ``lambda = 0`` so the start is the identity and random factors give ``lambda`` a gradient at the
+first step, as AdaLoRA's zero-initialised ``Lambda`` between random ``P``, ``Q``) and the ``alpha / r`` scale
+(LoRA's): all vpeft's. Defaults: r = 8 on q and v, alpha = 8, dropout 0.1, as vpeft's LoRA.
 Wraps Linear (and HF Conv1D) and fused-projection slices.
 """
 
