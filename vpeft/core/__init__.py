@@ -9,7 +9,8 @@ Writing a method
     :func:`option_types` says them in words),
     :class:`Target` (one place an adapter attaches), ``WHOLE`` (the part name of a whole-module adapter);
     reading a model as the core does: ``ROLES``, :func:`name_matches`, :func:`fused_parts`, :func:`walk`,
-    :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model).
+    :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model);
+    attention heads as rows and columns of weights: :func:`head_layout` (a :class:`HeadLayout`, GQA included).
 
 Named adapters on a model (the entry points :mod:`vpeft.api` binds to the method registry)
     :func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`disabled`, :func:`merge`,
@@ -42,6 +43,7 @@ from .config import (
     config_to_dict,
     option_types,
 )
+from .heads import HeadLayout, head_layout
 from .inject import (
     AdaptedModule,
     active_adapter,
@@ -78,6 +80,7 @@ __all__ = [
     "AdaptedModule",
     "AdapterModule",
     "AdapterRecord",
+    "HeadLayout",
     "MethodConfig",
     "Report",
     "Target",
@@ -93,6 +96,7 @@ __all__ = [
     "disabled",
     "fsdp_units",
     "fused_parts",
+    "head_layout",
     "is_conv1d",
     "layers_of",
     "load_adapter_tensors",

@@ -22,8 +22,10 @@ from . import (
     ia3,
     ln_tune,
     lora,
+    neuroada,
     repadapter,
     s2_lora,
+    s2ft,
     salt,
     soma,
     spt,
@@ -64,6 +66,8 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "dylora": dylora.DyLoRA,
     "s2_lora": s2_lora.S2LoRA,
     "hut": hut.HUT,
+    "s2ft": s2ft.S2FT,
+    "neuroada": neuroada.NeuroAda,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -75,5 +79,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                                       "dora", "ssf", "fact_tt", "fact_tk", "convpass", "repadapter"),  # fmt: skip
     "the suite's vision methods": ("spt_lora", "spt_adapter", "dvpt", "comp_lora", "soma", "earth_adapter", "salt"),
     "prompt learning for CLIP's text tower": TEXT_TOWER_METHODS,
-    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut"),
+    "layer-level language-model methods": ("ia3", "vera", "ffa_lora", "dylora", "s2_lora", "hut", "s2ft", "neuroada"),
 }
