@@ -13,7 +13,8 @@ Writing a method
     :func:`input_covariance`, :func:`weight_gradients`, :func:`calibration_loss`, and :func:`cached` (results
     stored as safetensors files keyed by statistic, options, model and data, see :func:`fingerprint`);
     reading a model as the core does: ``ROLES``, :func:`name_matches`, :func:`fused_parts`, :func:`walk`,
-    :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model).
+    :func:`weight_and_bias`, :func:`is_conv1d`, and :func:`select_targets` (what a config adapts on a model);
+    attention heads as rows and columns of weights: :func:`head_layout` (a :class:`HeadLayout`, GQA included).
 
 Named adapters on a model (the entry points :mod:`vpeft.api` binds to the method registry)
     :func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`disabled`, :func:`merge`,
@@ -53,6 +54,7 @@ from .config import (
     config_to_dict,
     option_types,
 )
+from .heads import HeadLayout, head_layout
 from .inject import (
     AdaptedModule,
     active_adapter,
@@ -91,6 +93,7 @@ __all__ = [
     "AdaptedModule",
     "AdapterModule",
     "AdapterRecord",
+    "HeadLayout",
     "MethodConfig",
     "Prepared",
     "Report",
@@ -112,6 +115,7 @@ __all__ = [
     "fsdp_units",
     "fused_parts",
     "input_embedding",
+    "head_layout",
     "is_conv1d",
     "input_covariance",
     "layers_of",

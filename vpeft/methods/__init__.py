@@ -27,14 +27,16 @@ from . import (
     lora,
     lora_ga,
     mola,
+    neuroada,
     pissa,
     prefix_tuning,
     prompt_tuning,
     repadapter,
     s2_lora,
+    s2ft,
     salt,
-    soka,
     snell,
+    soka,
     soma,
     sorsa,
     spt,
@@ -90,6 +92,8 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "soka": soka.SoKA,
     "snell": snell.SNELL,
     "tlora": tlora.TLoRA,
+    "s2ft": s2ft.S2FT,
+    "neuroada": neuroada.NeuroAda,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
