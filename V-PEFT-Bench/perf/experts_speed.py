@@ -11,12 +11,14 @@ rank 8 over the 4 blocks, top-2, on q, k, v, o, up, down) is compared with LoRA 
 
 import copy
 import statistics
+import sys
 import time
 
 import torch
 import transformers
 
 import vpeft
+from vpeft.engine import cli
 
 ALL6 = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 MLP = ("mlp_in", "mlp_out")
@@ -67,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import warnings
 
 import torch
@@ -21,6 +22,7 @@ import torch
 import vpeft
 from vpeft.backbones.causal_lm import load_causal_lm
 from vpeft.core import adapter_record, layers_of
+from vpeft.engine import cli
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog because it was late for dinner.",
@@ -70,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import vpeft
 from vpeft.core import AdapterModule, Target
+from vpeft.engine import cli
 from vpeft.files import atomic_write
 from vpeft.methods import METHODS
 from vpeft.methods._blocks import dropout
@@ -131,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))
