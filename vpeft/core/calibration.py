@@ -132,7 +132,9 @@ def input_covariance(
     missing = [names[0] for key, (_, names) in by_id.items() if calls[key] == 0]
     if missing:
         raise DataError(f"{who}: the calibration batches never reached {missing[:3]}; their input is unknown.")
-    return {name: sums[key] / calls[key] for key, (_, names) in by_id.items() for name in names}
+    for key, total in sums.items():
+        total.div_(calls[key])  # in place: a second set of (in, in) float64 matrices would double the peak
+    return {name: sums[key] for key, (_, names) in by_id.items() for name in names}
 
 
 def add_gradient(total: Tensor, grad: Tensor, param: Tensor) -> None:

@@ -72,7 +72,7 @@ def estimate_gradients(
 
     def compute() -> dict[str, Tensor]:
         sums, used = weight_gradients(model, params, calibration, config.calibration_batches, "lora_ga")
-        return {name: g / used for name, g in sums.items()}
+        return {name: g.div_(used) for name, g in sums.items()}  # in place: no second copy of the totals
 
     options = {"limit": config.calibration_batches, "mean": True}
     grads = cached(config.calibration_cache, "weight_gradients", options, model, calibration, compute)
