@@ -307,7 +307,6 @@ class Adapted(nn.Module):
             if new_b is not None:
                 bias.copy_(new_b)
 
-
     def release(self, module: AdapterModule) -> None:
         """Free the layer's full-precision weight: ``module`` (``releases_base``) holds the only copy from now on."""
         self.__dict__["released"] = module

@@ -21,7 +21,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge, Le
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core import AdapterModule, Target
 from ..errors import ConfigError
@@ -131,6 +131,19 @@ def quantise_rows(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(x / scale), -top, top), scale
 
 
+def eval_weight(module: nn.Module, build: Callable[..., Tensor], state: tuple[Tensor, ...]) -> Tensor:
+    """``build(*state)``, kept on ``module`` between calls while ``state`` is unchanged (the same tensors at the same
+    version counters, which every in-place change, an optimiser step included, advances). For evaluation without
+    grad, where generation calls each layer once a token: the dequantised weight is built once, as SketchTune's own
+    ``fast`` evaluation dequantises into the layer's weight; a module drops it when set to train."""
+    key = tuple((id(t), t._version) for t in state)
+    kept = module.__dict__.get("eval_weight")
+    if kept is None or kept[0] != key:
+        kept = (key, build(*state))
+        module.__dict__["eval_weight"] = kept
+    return kept[1]
+
+
 # ---- a linear layer whose weight is rebuilt for backward -------------------------------------------------------
 class _Recomputed(torch.autograd.Function):
     @staticmethod
@@ -196,9 +209,15 @@ class PackedBase(AdapterModule):
     def base_forward(self, x: Tensor, initial: bool = False) -> Tensor:
         bias = getattr(self.base, "bias", None)
         state = self.state(initial)
+        if not self.training and not torch.is_grad_enabled():
+            return F.linear(x, eval_weight(self, self.dequantised, state), bias)
         if not any(t.requires_grad for t in state) or not torch.is_grad_enabled():
             return F.linear(x, self.dequantised(*state), bias)
         return recomputed_linear(x, bias, self.dequantised, *state)
+
+    def train(self, mode: bool = True) -> PackedBase:
+        self.__dict__.pop("eval_weight", None)  # training holds the packed form only
+        return super().train(mode)
 
     def effective_weight(self, initial: bool = False) -> Tensor:
         return self.dequantised(*self.state(initial))

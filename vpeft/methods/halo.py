@@ -64,7 +64,7 @@ class _HaloMatmul(torch.autograd.Function):
 
 
 def halo_matmul(x: Tensor, weight: Tensor, h: Tensor, bits: int) -> Tensor:
-    """``Q(x H) Q(weight H)^T``: ``x`` (..., k), ``weight`` (n, k), ``h`` a normalised Hadamard block of k's rotation."""
+    """``Q(x H) Q(weight H)^T``: ``x`` (..., k), ``weight`` (n, k), ``h`` the normalised Hadamard block of H."""
     xq, xs = quantise_rows(rotate(x, h), bits)
     wq, ws = quantise_rows(rotate(weight, h), bits)
     return (xq @ wq.T) * xs * ws.T

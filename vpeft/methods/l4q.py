@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterModule, FiniteFloat, MethodConfig, PositiveInt, Rank, Target, weight_and_bias
-from ._quant import Bits, groups_of, lsq, minmax_grid, recomputed_linear
+from ._quant import Bits, eval_weight, groups_of, lsq, minmax_grid, recomputed_linear
 
 
 @dataclass
@@ -79,9 +79,16 @@ class L4Q(AdapterModule):
     def base_forward(self, x: Tensor, initial: bool = False) -> Tensor:
         bias = getattr(self.base, "bias", None)
         state = (self.lora_A, self.lora_B, self.step, self.offset)
+        if not self.training and not torch.is_grad_enabled():  # generation: W_q built once while nothing changes
+            w0 = weight_and_bias(self.base)[0]  # in the key too: a merge swaps the layer's weight
+            return F.linear(x, eval_weight(self, lambda *t: self.quantised(*t[:4]), (*state, w0)), bias)
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in state):
             return F.linear(x, self.quantised(*state), bias)
         return recomputed_linear(x, bias, self.quantised, *state)
 
     def effective_weight(self, initial: bool = False) -> Tensor:
         return self.quantised(self.lora_A, self.lora_B, self.step, self.offset)
+
+    def train(self, mode: bool = True) -> L4Q:
+        self.__dict__.pop("eval_weight", None)
+        return super().train(mode)
