@@ -180,7 +180,10 @@ class PackedBase(AdapterModule):
     """A whole Linear (or HF Conv1D) whose frozen weight this module holds as packed integer codes, turned back into
     a weight by :meth:`dequantised` from the trainable quantisation state (scales, codebooks). The layer's own
     full-precision weight is freed when the adapter is added (``releases_base``, vpeft/core/layers.py): disabled,
-    the layer computes with the state as first built (``initial``), merge writes the dequantised weight."""
+    the layer computes with the state as first built (``initial``), merge writes the dequantised weight. Training
+    holds the packed codes only (the dequantised weight of one layer at a time, rebuilt in backward); evaluation
+    without grad keeps each layer's dequantised weight between calls while the state is unchanged (:func:`eval_weight`),
+    so generation does not unpack every weight once a token."""
 
     wraps = ("linear",)
     mergeable = True
