@@ -204,8 +204,6 @@ def add_adapter(
             if adapter_name not in parts:
                 parts[adapter_name] = nn.ModuleDict()
             parts[adapter_name][target.part] = layer.train(target.module.training)  # new modules join in eval mode
-            if layer.releases_base:  # the layer's full-precision weight goes; the module holds the only copy
-                _wrapper(model, target.name, state.switch).release(layer)
         for head in heads:
             wrapper = _wrapper(model, head, state.switch, head=True)
             wrapper.add_copy(adapter_name)
@@ -216,6 +214,9 @@ def add_adapter(
     except Exception:
         delete_adapter(model, adapter_name)
         raise
+    for target, layer in zip(targets, layers, strict=True):  # last: nothing can fail after a weight is freed
+        if layer.releases_base:  # the layer's full-precision weight goes; the module holds the only copy
+            _wrapper(model, target.name, state.switch).release(layer)
     if site is not None and state.call_hooks is None:
         state.call_hooks = install_hooks(site)
     if state.switch.active is not None and state.switch.active != adapter_name:
