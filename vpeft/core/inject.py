@@ -147,6 +147,11 @@ def add_adapter(
             )
         if not method_cls.restorable or any(not r.method_cls.restorable for r in state.adapters.values()):
             raise ValueError(f"{method!r} cannot share a model with other adapters: one of them trains base tensors.")
+        if method_cls.releases_base or any(r.method_cls.releases_base for r in state.adapters.values()):
+            raise ValueError(
+                f"{method!r} cannot share a model with other adapters: one of them replaces the base weights by a "
+                "quantised copy (vpeft/core/layers.py, a replaced base)."
+            )
 
     if method_cls.virtual:
         require_call_site(model, method)  # before target selection: the reason is the model, not a name
@@ -209,6 +214,9 @@ def add_adapter(
     except Exception:
         delete_adapter(model, adapter_name)
         raise
+    for target, layer in zip(targets, layers, strict=True):  # last: nothing can fail after a weight is freed
+        if layer.releases_base:  # the layer's full-precision weight goes; the module holds the only copy
+            _wrapper(model, target.name, state.switch).release(layer)
     if site is not None and state.call_hooks is None:
         state.call_hooks = install_hooks(site)
     if state.switch.active is not None and state.switch.active != adapter_name:
@@ -282,6 +290,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise ValueError("unmerge the model (vpeft.unmerge) before deleting its adapter.")
     for _, parent, attr, wrapper in list(wrappers(model)):
         if name in wrapper.adapters:
+            if wrapper.__dict__.get("released") is not None:  # the quantised base stays, as a plain weight
+                wrapper.restore()
             del wrapper.adapters[name]
         if len(wrapper.adapters) == 0:
             parent._modules[attr] = wrapper.base_layer
@@ -471,6 +481,7 @@ def report(model: nn.Module, name: str | None = None) -> Report:
     for n in record.trainable_base:
         rows.append((n, "base tensor", params[n].numel()))
     base_total = sum(p.numel() for n, p in params.items() if not _is_adapter_param(n))
+    base_total += sum(w.__dict__.get("released_numel", 0) for *_, w in wrappers(model))  # held packed (releases_base)
     return Report(record.method, name, rows, heads, base_total)
 
 

@@ -14,6 +14,26 @@ here, once:
   call; it feeds that call the adapters' ``merged`` weights, so only weight-space methods can target it.
 * :class:`HeadCopies` gives every adapter its own trainable copy of the task head.
 
+A **replaced base** (quantised-base methods: PEQA, L4Q, SketchTune, HALO). A module with ``replaces_base`` computes
+the wrapped Linear's output itself, ``base_forward(x)`` (bias included), from its own representation of the weight
+(packed integers with scales, a sketch with codebooks, a fake-quantised merge, a low-precision matmul), and
+``adapt_output`` then runs as for any method. It covers a whole Linear (or HF Conv1D), never a slice. What the
+adapter operations mean for it:
+
+* ``releases_base`` (PEQA, SketchTune): the module holds the only copy of the frozen weight. When the adapter is
+  added, the layer's full-precision ``weight`` is freed (an empty placeholder of its dtype and device takes its
+  place; the bias stays), so the model really holds the packed form; such an adapter is the only one on its model.
+  ``disabled()`` then runs ``base_forward(x, initial=True)``: the quantised base with its quantisation state as
+  first built (PEQA's round-to-nearest scales, SketchTune's first codebooks), i.e. the frozen quantised model, since
+  the full-precision one is gone. ``delete_adapter`` leaves that quantised base in the layer as a plain weight.
+* Without ``releases_base`` (L4Q, HALO) the layer keeps its weight and ``disabled()`` runs it: the original model,
+  exactly.
+* ``merge()`` writes ``effective_weight()``, the weight ``base_forward`` stands for with the trained state folded in
+  (dequantised), into the layer as a new tensor, and keeps the tensor it replaces (the placeholder, or W0) aside;
+  ``unmerge()`` puts that tensor back, bit for bit, and the adapter runs again. A merge is the export to a plain
+  full-precision model; ``save_adapter`` saves the trainable quantisation state only (the packed codes are rebuilt
+  from the full-precision weights at load, deterministically).
+
 A shared :class:`Switch` says which adapter is active and whether all are disabled, so switching costs nothing.
 """
 
@@ -29,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MethodConfig
-from .modules import WHOLE, Target, weight_and_bias
+from .modules import WHOLE, Target, is_conv1d, weight_and_bias
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,10 @@ class AdapterModule(nn.Module):
     # ``virtual_cache``); the model's call is rewritten around it. Its instances set ``num_virtual_tokens``.
     virtual: ClassVar[str | None] = None
     num_virtual_tokens: int = 0
+    # A replaced base (see the module docstring): ``base_forward`` computes the layer's output, ``effective_weight``
+    # is what merge writes; with ``releases_base`` the layer's own weight is freed and the module holds the only copy.
+    replaces_base: ClassVar[bool] = False
+    releases_base: ClassVar[bool] = False
 
     def __init__(self, target: Target, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()
@@ -122,6 +146,15 @@ class AdapterModule(nn.Module):
             if part in parts:
                 chunks[i] = parts[part].adapt_output(x, chunks[i])
         return torch.cat(chunks, dim=-1)
+
+    def base_forward(self, x: Tensor, initial: bool = False) -> Tensor:
+        """The wrapped layer's output, bias included, from this module's own weight (``replaces_base``); with
+        ``initial``, from the quantisation state as first built (what ``disabled()`` runs for a released base)."""
+        raise NotImplementedError(f"{type(self).__name__} does not replace its base layer")
+
+    def effective_weight(self, initial: bool = False) -> Tensor:
+        """``(out, in)``: the weight :meth:`base_forward` computes with, dequantised (what merge writes)."""
+        raise NotImplementedError(f"{type(self).__name__} does not replace its base layer")
 
     def virtual_embeddings(self, batch: int) -> Tensor:
         """``(batch, p, D)`` embeddings prepended to the input's (``virtual = "embeddings"``)."""
@@ -209,15 +242,23 @@ class Adapted(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parts = self.active_parts()
-        if parts is None:
+        released = self.__dict__.get("released")  # the module holding this layer's only weight (releases_base)
+        if parts is None and released is None:
             return self.base_layer(*args, **kwargs)
         # the input is the first argument, passed by position or, as transformers' decoder layers call their
         # attention (``self_attn(hidden_states=...)``), by the name of the base module's first forward parameter
         key = None if args else self._input_name()
         x, args = (args[0], args[1:]) if key is None else (kwargs.pop(key), args)
+        if parts is None:  # disabled, or another adapter active: the released base as first built
+            return released.base_forward(x, initial=True)
         whole = parts[WHOLE] if WHOLE in parts else None
         x_in = whole.adapt_input(x) if whole is not None else x
-        out = self.base_layer(x_in, *args, **kwargs) if key is None else self.base_layer(*args, **{key: x_in}, **kwargs)
+        if whole is not None and whole.replaces_base:
+            out = whole.base_forward(x_in)
+        elif key is None:
+            out = self.base_layer(x_in, *args, **kwargs)
+        else:
+            out = self.base_layer(*args, **{key: x_in}, **kwargs)
         y = out[0] if isinstance(out, tuple) else out  # HF layers return (hidden, extras...)
         if whole is not None:
             y = whole.adapt_output(x, y)
@@ -242,8 +283,18 @@ class Adapted(nn.Module):
     def fold(self, name: str, undo: bool = False) -> None:
         """Merge (or with ``undo``, unmerge) adapter ``name`` into the base weights in place.
 
-        Every new value is computed before any is written, so a failure leaves the weights as they were.
+        Every new value is computed before any is written, so a failure leaves the weights as they were. A replaced
+        base (``replaces_base``) swaps tensors instead: merge puts its ``effective_weight()`` in as the layer's weight
+        and keeps the one it replaces, which unmerge puts back.
         """
+        replaced = [m for m in self.adapters[name].values() if m.replaces_base]
+        if replaced:
+            if undo:
+                self._set_weight(self.__dict__.pop("kept_weight"))
+            else:
+                kept = self._set_weight(replaced[0].effective_weight())
+                self.__dict__["kept_weight"] = kept
+            return
         updates = []
         for part, module in self.adapters[name].items():
             weight, bias = self.weight_views(part)
@@ -255,6 +306,30 @@ class Adapted(nn.Module):
             weight.copy_(new_w)
             if new_b is not None:
                 bias.copy_(new_b)
+
+    def release(self, module: AdapterModule) -> None:
+        """Free the layer's full-precision weight: ``module`` (``releases_base``) holds the only copy from now on."""
+        self.__dict__["released"] = module
+        weight = self.base_layer.weight
+        self.__dict__["released_numel"] = weight.numel()
+        self.base_layer.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+
+    def restore(self) -> None:
+        """Undo :meth:`release` as far as it can be undone: the layer gets the quantised base as first built."""
+        module = self.__dict__.pop("released")
+        self.__dict__.pop("released_numel")
+        with torch.no_grad():
+            self._set_weight(module.effective_weight(initial=True))
+
+    def _set_weight(self, weight: Tensor | nn.Parameter) -> nn.Parameter:
+        """Make ``weight`` the layer's weight, ``(out, in)`` (stored transposed in an HF Conv1D) or a Parameter as
+        the layer stores it; returns the Parameter it replaces."""
+        old = self.base_layer.weight
+        if not isinstance(weight, nn.Parameter):
+            weight = weight.detach().to(old.dtype)
+            weight = nn.Parameter((weight.T if is_conv1d(self.base_layer) else weight).contiguous(), False)
+        self.base_layer.weight = weight
+        return old
 
 
 class AdaptedMHA(Adapted):

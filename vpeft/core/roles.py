@@ -52,4 +52,13 @@ ROLES: dict[str, tuple[str, ...]] = {
     # prefix tuning keep their virtual tokens (vpeft/core/virtual.py)
     "embed": ("embed_tokens", "wte", "embeddings.word_embeddings", "embed_in"),
     "block": (r"(.*\.)?blocks\.\d+", r".*resblocks\.\d+", r".*encoder\.layer\.\d+", r".*layers\.\d+", r"(.*\.)?h\.\d+"),
+    # every module inside a block; a method that wraps only Linears (the quantised-base methods) takes each Linear and
+    # HF Conv1D there as a whole module, fused qkv included (Llama's gate_proj too, which no other role names)
+    "in_block": (
+        r"(.*\.)?blocks\.\d+\..+",
+        r".*resblocks\.\d+\..+",
+        r".*encoder\.layer\.\d+\..+",
+        r".*layers\.\d+\..+",
+        r"(.*\.)?h\.\d+\..+",
+    ),
 }

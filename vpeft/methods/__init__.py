@@ -20,14 +20,17 @@ from . import (
     earth_adapter,
     fact,
     ffa_lora,
+    halo,
     hut,
     ia3,
     kasa,
+    l4q,
     ln_tune,
     lora,
     lora_ga,
     mola,
     neuroada,
+    peqa,
     pissa,
     prefix_tuning,
     prompt_tuning,
@@ -35,6 +38,7 @@ from . import (
     s2_lora,
     s2ft,
     salt,
+    sketchtune,
     snell,
     soka,
     soma,
@@ -94,6 +98,10 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "tlora": tlora.TLoRA,
     "s2ft": s2ft.S2FT,
     "neuroada": neuroada.NeuroAda,
+    "peqa": peqa.PEQA,
+    "l4q": l4q.L4Q,
+    "sketchtune": sketchtune.SketchTune,
+    "halo": halo.HALO,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -125,4 +133,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     ),
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga", "kasa", "sorsa", "svfit", "soka"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
+    "quantised bases": ("peqa", "l4q", "sketchtune", "halo"),
 }
