@@ -13,6 +13,7 @@ from . import (
     convpass,
     coop,
     corda,
+    diffora,
     dora,
     dvpt,
     dylora,
@@ -22,6 +23,7 @@ from . import (
     ffa_lora,
     hut,
     ia3,
+    ist,
     kasa,
     ln_tune,
     lora,
@@ -43,6 +45,7 @@ from . import (
     ssf,
     svfit,
     tlora,
+    triadapt_lora,
     vera,
     vpt,
 )
@@ -94,6 +97,9 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "tlora": tlora.TLoRA,
     "s2ft": s2ft.S2FT,
     "neuroada": neuroada.NeuroAda,
+    "ist": ist.IST,
+    "triadapt_lora": triadapt_lora.TriAdaptLoRA,
+    "diffora": diffora.DiffoRA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -125,4 +131,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     ),
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga", "kasa", "sorsa", "svfit", "soka"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
+    "controllers that change the trainable set while training": ("ist", "triadapt_lora", "diffora"),
 }
