@@ -117,9 +117,9 @@ def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True, strict=False))
         # torch fills the state of such a tensor by a step of zero gradient (AdamW: step 1, zero moments), which the
         # run without the interruption never took: drop it, so that the tensor's first step is as it would have been
-        names = {p: n for n, p in model.named_parameters()}
-        for p in [p for p in optimizer.state if names.get(p) not in saved["state"]]:
-            del optimizer.state[p]
+        for n, p in model.named_parameters():
+            if p in optimizer.state and n not in saved["state"]:
+                del optimizer.state[p]
         return
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ConfigError(
