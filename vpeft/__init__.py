@@ -8,8 +8,10 @@ optimizer = vpeft.build_optimizer(model, "adamw", lr=1e-3)   # or galore, natura
 """
 
 from .api import (
+    StepContext,
     __version__,
     apply_method,
+    control,
     delete_adapter,
     disabled,
     export_hf_peft,
@@ -30,9 +32,11 @@ from .optim import OPTIMIZERS, build_optimizer
 __all__ = [
     "OPTIMIZERS",
     "Report",
+    "StepContext",
     "__version__",
     "apply_method",
     "build_optimizer",
+    "control",
     "delete_adapter",
     "disabled",
     "export_hf_peft",

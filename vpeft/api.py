@@ -77,3 +77,5 @@ delete_adapter = core.delete_adapter
 report = core.report
 method_loss = core.method_loss
 on_step = core.on_step
+control = core.control
+StepContext = core.StepContext

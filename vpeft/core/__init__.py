@@ -34,6 +34,11 @@ Virtual tokens (prompt and prefix tuning)
     ids, labels, the key/value cache, ``generate()``); :func:`call_site` (the module whose call is rewritten) and
     :func:`input_embedding` (its token embedding, where such a module sits) say where.
 
+Controllers (vpeft/core/control.py)
+    :func:`control` (the loop's callback at the start of each optimizer step, with a :class:`StepContext`),
+    :func:`trainable_count`, :func:`rebuild_adapter` (an adapter rebuilt at the shapes its saved config says),
+    :func:`gather` and :func:`swap_parameter` (an optimiser's state following a resized parameter).
+
 Adapter files
     :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
 """
@@ -54,6 +59,7 @@ from .config import (
     config_to_dict,
     option_types,
 )
+from .control import StepContext, control, gather, rebuild_adapter, swap_parameter, trainable_count
 from .heads import HeadLayout, head_layout
 from .inject import (
     AdaptedModule,
@@ -97,6 +103,7 @@ __all__ = [
     "MethodConfig",
     "Prepared",
     "Report",
+    "StepContext",
     "Target",
     "active_adapter",
     "adapted_modules",
@@ -109,6 +116,11 @@ __all__ = [
     "calibration_loss",
     "call_site",
     "config_to_dict",
+    "control",
+    "gather",
+    "rebuild_adapter",
+    "swap_parameter",
+    "trainable_count",
     "delete_adapter",
     "disabled",
     "fingerprint",

@@ -81,7 +81,8 @@ class AdapterModule(nn.Module):
     * ``delta_weight()`` (additive methods) or ``merged``/``unmerged`` (the others) to fold into the base weights.
 
     Method-level hooks are class methods: ``prepare`` (data-dependent choices from calibration batches),
-    ``build_shared`` (tensors shared by all targets, FacT), ``loss`` (regularisers) and ``on_step`` (schedules).
+    ``build_shared`` (tensors shared by all targets, FacT), ``loss`` (regularisers), ``on_step`` (schedules) and
+    ``control`` (controllers that change the trainable set: vpeft/core/control.py).
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -215,6 +216,13 @@ class AdapterModule(nn.Module):
     ) -> None:
         """Called by the training loop before each optimizer step (rank schedules; annealed weight decay edits the
         ``optimizer``'s param groups)."""
+
+    @classmethod
+    def control(cls, config: MethodConfig, layers: list[AdapterModule], ctx: Any) -> str | None:
+        """Called by the training loop at the start of each optimizer step, before its forward passes, with a
+        :class:`~vpeft.core.control.StepContext` (model, step, batch, loss, validation batches): a controller freezes,
+        unfreezes, prunes or grows tensors here and returns a line saying what changed (None: nothing)."""
+        return None
 
 
 class Adapted(nn.Module):

@@ -23,7 +23,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from ..backbones.checkpoint import load_weights_only
-from ..core import active_adapter, adapter_tensors, load_adapter_tensors
+from ..core import (
+    active_adapter,
+    adapter_record,
+    adapter_tensors,
+    config_to_dict,
+    load_adapter_tensors,
+    rebuild_adapter,
+)
 from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from .distributed import like
@@ -45,6 +52,8 @@ def save_checkpoint(
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = {
         "trainable": {k: _whole(v).detach().cpu().clone() for k, v in adapter_tensors(model, name).items()},
+        # the adapter's structure now: a controller may have changed its shapes (per-target ranks) since it was built
+        "adapter_config": config_to_dict(adapter_record(model, name).config),
         "optimizer": get_optimizer_state_dict(model, optimizer, options=whole),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -81,6 +90,15 @@ def load_checkpoint(
     return state["counters"]
 
 
+def restore_structure(path: Path, model: nn.Module) -> bool:
+    """Rebuild the model's adapter at the shapes its config had when ``path`` was written (a controller pruned or
+    grew it), before the optimiser is built and :func:`load_checkpoint` fills it; whether it was rebuilt."""
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist: the run has no checkpoint to resume from.")
+    saved = load_weights_only(path).get("adapter_config")
+    return saved is not None and rebuild_adapter(model, saved)
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -94,7 +112,14 @@ def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     ``optimizer.state_dict()``), which is still read for a model that is not sharded."""
     keys = [key for group in saved["param_groups"] for key in group["params"]]
     if not keys or isinstance(keys[0], str):
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        # not strict: a trainable tensor that never took a step (a controller's gate that learns outside the
+        # optimiser, a frozen block) has no state to restore; every state that was saved must be restored
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+        # torch fills the state of such a tensor by a step of zero gradient (AdamW: step 1, zero moments), which the
+        # run without the interruption never took: drop it, so that the tensor's first step is as it would have been
+        for n, p in model.named_parameters():
+            if p in optimizer.state and n not in saved["state"]:
+                del optimizer.state[p]
         return
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ConfigError(

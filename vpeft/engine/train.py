@@ -4,8 +4,17 @@ Run directory: ``config.yaml`` (resolved), ``origin.json`` (the file and ``--set
 from), ``classes.json`` (the training set's class names), ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pt``
 (each epoch, atomic), ``adapter/`` (the core's adapter files, each epoch) and ``summary.json`` at the end.
 ``resume=True`` continues from the last checkpoint with the same data order, RNG streams and schedule, so on CPU the
-loss curve equals an uninterrupted run; resuming a finished run changes nothing. After each epoch one log line says
-the epoch, mean training loss, validation metric, learning rate and seconds; tqdm bars show only on a terminal.
+loss curve equals an uninterrupted run; resuming a finished run changes nothing.
+
+Controllers: at the start of every optimizer step the loop calls :func:`vpeft.control` (the method's ``control``
+hook, then the ``callbacks`` passed to :func:`train`, each ``callable(ctx) -> str | None`` with a
+:class:`vpeft.StepContext`: model, step, the step's first batch, the task's loss, the validation batches). What they
+change in the trainable set the optimiser follows (vpeft/core/control.py), and each change is a line of
+``metrics.jsonl``: ``{"step", "epoch", "trainable", "change"}``, ``trainable`` the number of elements that train
+after it. A checkpoint holds the adapter's structure at the time, which ``--resume`` rebuilds before loading it.
+
+After each epoch one log line says the epoch, mean training loss, validation metric, learning rate and seconds; tqdm
+bars show only on a terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +40,14 @@ from tqdm import tqdm
 
 import vpeft
 
+from ..core import trainable_count
 from ..data import build_loader
 from ..errors import ConfigError, DivergedError, ExistingPathError, MissingFileError
 from ..files import atomic_write
 from ..optim import OPTIMIZERS
 from ..tasks import Task, build_task
 from . import distributed
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, restore_structure, save_checkpoint
 from .config import RunConfig, config_diff, dump_config, load_config
 from .logger import MetricsLog
 from .optim import build_optimizer, cosine_with_warmup
@@ -55,6 +66,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     origin: dict[str, Any] | None = None,
+    callbacks: tuple[Callable[[vpeft.StepContext], str | None], ...] = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``summary.json``).
 
@@ -62,7 +74,9 @@ def train(
     ``force``, which then writes ``cfg`` (and ``origin``) into the run. A finished run (``summary.json`` present)
     resumed with its own config is left as it is and its summary returned. ``origin`` (``{"config": path, "set":
     [overrides]}``, None where not known) is stored as ``origin.json`` beside the config, so :func:`resume_config`
-    can tell the first call's overrides from a change.
+    can tell the first call's overrides from a change. ``callbacks`` run at the start of each optimizer step after
+    the method's own ``control`` hook (see the module's text); they are not part of the config, so a resumed run must
+    be given the same ones.
     """
     run_dir = Path(run_dir)
     dist = distributed.setup(cfg.train.device, cfg.train.parallel)
@@ -90,6 +104,15 @@ def train(
     options = task.method_options(cfg.method.options)
     report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **options)
     log.info("%s", report)
+    if resume and (run_dir / CHECKPOINT).is_file():  # a controller may have pruned or grown the adapter since
+        restore_structure(run_dir / CHECKPOINT, model)
+    controlled = bool(callbacks) or _has_controller(cfg)
+    if controlled and dist.world > 1:
+        dist.close()
+        raise ConfigError(
+            f"method {cfg.method.name} (or a callback) changes the trainable set during training, which one process "
+            "does and a data-parallel wrapper cannot follow; run it in one process (no torchrun)."
+        )
     if cfg.model.grad_checkpointing:
         enable_grad_checkpointing(model)
     # nothing trainable (the method `frozen`: zero- and few-shot rows): no optimiser, no epochs, only the evaluations,
@@ -125,6 +148,7 @@ def train(
         if classes is not None and not (run_dir / CLASSES).is_file():
             _write_json(run_dir / CLASSES, [str(c) for c in classes])
     reset_peak_memory(device)
+    val_batch = _val_batches(cfg, task, datasets.get("val"), device)
 
     checked = False
     for epoch in range(counters["epoch"], cfg.train.epochs if trainable else 0):
@@ -139,6 +163,18 @@ def train(
             # one optimizer step: its micro-batches (fewer in a short last group) are read first, so that each can be
             # weighted by its share of the step's loss terms over all processes before the first backward pass
             group = list(itertools.islice(batches, cfg.optim.accumulate))
+            if controlled:
+                ctx = vpeft.StepContext(model, counters["step"], total_steps, task.to_device(group[0], device),
+                                        lambda b: task.loss(model, b), val_batch)  # fmt: skip
+                # the controllers' own forward passes (dropout) draw from a fork: the training's random stream is
+                # the same with and without them
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    notes = vpeft.control(model, ctx, callbacks)
+                ctx.follow(optimizer)
+                if notes and dist.main:
+                    change = {"step": counters["step"], "epoch": epoch + 1, "trainable": trainable_count(model)}
+                    metrics.log({**change, "change": "; ".join(notes)})
+                    log.debug("vpeft: step %d: %s (%d trainable)", counters["step"], notes, change["trainable"])
             terms = [task.loss_terms(b) for b in group]
             total = max(dist.sum(torch.tensor([float(sum(terms))], dtype=torch.float64)).item(), 1.0)
             step_sum = torch.zeros(1, dtype=torch.float64, device=device)  # this process's share of the loss
@@ -232,6 +268,8 @@ def train(
         "metric": task.metric,
         "trainable_params": report.trainable,
         "trainable_params_with_head": report.trainable + report.head,
+        # after the controllers' changes (the numbers above are the adapter as it was built)
+        "final_trainable_params": vpeft.report(model).trainable if trainable else 0,
         "total_params": report.base_total + report.trainable,
         "peak_memory_mb": peak_memory_mb(device),
         "wall_seconds": time.perf_counter() - start,
@@ -340,7 +378,8 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 def check_gradients(model: nn.Module) -> None:
     """After the first backward pass, every trainable tensor must have a gradient; name the ones that do not."""
-    silent = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    # an empty tensor (a module a controller pruned to rank 0) has nothing to receive
+    silent = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and p.numel()]
     if silent:
         hint = ""
         if any(getattr(m, "grad_checkpointing", False) for m in model.modules()):
@@ -400,6 +439,28 @@ def _loader(
         collate_fn=task.collate,
         lengths=lengths,
     )
+
+
+def _has_controller(cfg: RunConfig) -> bool:
+    from ..core import AdapterModule
+    from ..methods import METHODS
+
+    return METHODS[cfg.method.name].control.__func__ is not AdapterModule.control.__func__
+
+
+def _val_batches(cfg: RunConfig, task: Task, dataset: Any, device: torch.device) -> Callable[[int], Any] | None:
+    """``val_batch(i)``: the ``i``-th batch of the validation split (modulo their number) on ``device``, for a
+    controller's data-driven decisions; the batches are read once, on first use, in the evaluation order."""
+    if dataset is None:
+        return None
+    batches: list[Any] = []
+
+    def val_batch(i: int) -> Any:
+        if not batches:
+            batches.extend(_loader(cfg, task, dataset, False))
+        return task.to_device(batches[i % len(batches)], device)
+
+    return val_batch
 
 
 def _needs_calibration(cfg: RunConfig) -> bool:

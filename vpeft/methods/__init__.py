@@ -13,6 +13,7 @@ from . import (
     convpass,
     coop,
     corda,
+    diffora,
     dora,
     dvpt,
     dylora,
@@ -23,6 +24,7 @@ from . import (
     halo,
     hut,
     ia3,
+    ist,
     kasa,
     l4q,
     ln_tune,
@@ -47,6 +49,7 @@ from . import (
     ssf,
     svfit,
     tlora,
+    triadapt_lora,
     vera,
     vpt,
 )
@@ -102,6 +105,9 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "l4q": l4q.L4Q,
     "sketchtune": sketchtune.SketchTune,
     "halo": halo.HALO,
+    "ist": ist.IST,
+    "triadapt_lora": triadapt_lora.TriAdaptLoRA,
+    "diffora": diffora.DiffoRA,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
@@ -134,4 +140,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga", "kasa", "sorsa", "svfit", "soka"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
     "quantised bases": ("peqa", "l4q", "sketchtune", "halo"),
+    "controllers that change the trainable set while training": ("ist", "triadapt_lora", "diffora"),
 }
