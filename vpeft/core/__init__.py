@@ -34,6 +34,11 @@ Virtual tokens (prompt and prefix tuning)
     ids, labels, the key/value cache, ``generate()``); :func:`call_site` (the module whose call is rewritten) and
     :func:`input_embedding` (its token embedding, where such a module sits) say where.
 
+Plug-ins and the loss context (a training step's extra losses and perturbations, beside any method)
+    :class:`Plugin` (the base class), :func:`add_plugin`, :func:`plugins_of`; :func:`loss_context` (records the
+    step's forward pass into a :class:`LossContext`: model, batch, outputs), :func:`perturb` and :func:`restore`
+    (around an optimizer step's passes).
+
 Adapter files
     :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
 """
@@ -80,6 +85,7 @@ from .inject import (
 from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, load_adapter_tensors, read_adapter, write_adapter
 from .layers import AdapterModule, AdapterRecord, Prepared
 from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
+from .plugins import LossContext, Plugin, add_plugin, loss_context, perturb, plugins_of, restore
 from .report_table import Report
 from .roles import ROLES
 from .targets import name_matches, select_targets, walk
@@ -94,6 +100,8 @@ __all__ = [
     "AdapterModule",
     "AdapterRecord",
     "HeadLayout",
+    "LossContext",
+    "Plugin",
     "MethodConfig",
     "Prepared",
     "Report",
@@ -104,6 +112,7 @@ __all__ = [
     "adapter_record",
     "adapter_tensors",
     "add_adapter",
+    "add_plugin",
     "build_config",
     "cached",
     "calibration_loss",
@@ -120,6 +129,7 @@ __all__ = [
     "input_covariance",
     "layers_of",
     "load_adapter_tensors",
+    "loss_context",
     "lr_multipliers",
     "merge",
     "method_loss",
@@ -127,8 +137,11 @@ __all__ = [
     "no_weight_decay",
     "on_step",
     "option_types",
+    "perturb",
+    "plugins_of",
     "read_adapter",
     "report",
+    "restore",
     "select_targets",
     "set_adapter",
     "shared_of",
