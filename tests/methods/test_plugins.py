@@ -250,3 +250,23 @@ def test_kl_matches_torch_kl_div():
     z, r = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     want = F.kl_div(F.log_softmax(z, -1), F.log_softmax(r, -1), log_target=True, reduction="sum") / 10
     torch.testing.assert_close(consistency_nlg(z, r), want)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_plugins_run_with_virtual_tokens(method):
+    """BA-LoRA's reference pass goes through the call rewrite again, disabled: the base model's logits; the density
+    loss taps the MLPs with the virtual tokens in (no mask of that length: every position counts)."""
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    plugins = [{"name": "ba_lora", "consistency": 1.0, "diversity": 0.0, "svd": 0.0}, {"name": "density_loss"}]
+    vpeft.apply_method(model, method, num_virtual_tokens=4, plugins=plugins)
+    batch = batches(1)[0]
+    with vpeft.loss_context(model, batch) as context:
+        _, logits = task_loss(model, batch)
+    reference = plugins_of(model)["ba_lora"].reference(context)
+    with torch.no_grad():
+        _, want = task_loss(base, batch)
+    torch.testing.assert_close(reference, want)
+    got = vpeft.method_loss(model, context=context)
+    density_term = plugins_of(model)["density_loss"].config.weight  # times a mean of values in [0, 1]
+    assert 0 < got.item() - consistency_nlg(logits, want).item() <= density_term + 1e-6

@@ -138,7 +138,8 @@ def loss_context(model: nn.Module, batch: Any = None) -> Iterator[LossContext]:
             context.outputs = output
 
     handles = [
-        model.register_forward_pre_hook(enter, with_kwargs=True),
+        model.register_forward_pre_hook(enter, with_kwargs=True, prepend=True),  # before any call rewrite: the inputs
+        # as the caller gave them, so that rerun() goes through the rewrite (virtual tokens) again
         model.register_forward_hook(leave, with_kwargs=True, always_call=True),
     ]
     plugins = list(plugins_of(model).values())
