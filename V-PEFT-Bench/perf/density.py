@@ -52,25 +52,25 @@ def count(run, split: str, thresholds: list[float], batch_size: int) -> list[flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories of text_classification runs")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.01, 0.1])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--base", action="store_true", help="also the pre-trained model (adapter disabled)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     heads = " | ".join(f"density abs(a)>{t:g}" for t in args.thresholds)
     print(f"| run | plug-ins | test accuracy | {heads} | seconds |")
     print("|---|---|---|" + "---|" * len(args.thresholds) + "---|")
     for run_dir in args.runs:
         tic = time.perf_counter()
-        run = open_run(run_dir, [f"data.test_split={args.split}"] if args.split not in ("test", "val") else [])
-        split = "val" if args.split == "val" else "test"
+        run = open_run(run_dir)
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         plugins = ", ".join(summary.get("plugins") or []) or "-"
-        rows = [(Path(run_dir).name, plugins, f"{summary['test']['accuracy']:.2f}", count(run, split, args.thresholds, args.batch))]
+        accuracy = f"{summary['test']['accuracy']:.2f}"
+        rows = [(Path(run_dir).name, plugins, accuracy, count(run, args.split, args.thresholds, args.batch))]
         if args.base:
             with vpeft.disabled(run.model):
-                rows.append((f"{Path(run_dir).name} (adapter disabled)", "-", "-", count(run, split, args.thresholds, args.batch)))
+                dens = count(run, args.split, args.thresholds, args.batch)
+            rows.append((f"{Path(run_dir).name} (adapter disabled)", "-", "-", dens))
         for name, plugs, acc, dens in rows:
             cells = " | ".join(f"{100 * d:.2f}%" for d in dens)
             print(f"| {name} | {plugs} | {acc} | {cells} | {time.perf_counter() - tic:.0f} |")

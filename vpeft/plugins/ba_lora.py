@@ -117,11 +117,12 @@ class BALoRA(Plugin):
     def reference(context: LossContext) -> Tensor:
         """The base model's logits on the step's inputs: the same model, adapter disabled, no dropout, no grad."""
         model = context.model
-        was_training = model.training
+        modes = {m: m.training for m in model.modules()}  # each module's own mode comes back (frozen norms...)
         model.eval()
         try:
             with disabled(model), torch.no_grad():
                 out = LossContext(model, outputs=context.rerun()).logits
         finally:
-            model.train(was_training)
+            for module, mode in modes.items():
+                module.training = mode
         return out.detach()

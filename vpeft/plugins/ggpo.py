@@ -21,7 +21,9 @@ module while the step runs: the memory of one full-rank gradient of those module
 Defaults: ``sigma = 0.05``, ``alpha = beta = 1``. Departures: the paper's exact normalisation and defaults could not
 be read here (the note in ../shared/notes/methods-lm.md marks the form "[paper, partial]"): ours normalises by the
 row length, so ``sigma`` is the noise relative to a row's RMS; the gradient norms are the previous step's (the
-paper's "one gradient computation per step" allows no other); weights of a non-additive method count as ``W0``.
+paper's "one gradient computation per step" allows no other), and after a resume the first step has none (they are
+not in the checkpoint); weights of a non-additive method count as ``W0``; attention modules (``nn.MultiheadAttention``)
+and heads are not perturbed.
 """
 
 from __future__ import annotations
