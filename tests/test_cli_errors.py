@@ -354,7 +354,9 @@ def test_compare_names_every_path_that_is_not_a_run(tmp_path, capsys, classifica
 
 
 def test_nan_loss_is_the_users_to_fix_not_a_bug(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(vpeft, "method_loss", lambda model: torch.tensor(float("nan")))  # the first loss is NaN
+    monkeypatch.setattr(
+        vpeft, "method_loss", lambda model, context=None: torch.tensor(float("nan"))
+    )  # the first loss is NaN
     config = write_config(tmp_path / "tiny.yaml")
     code, err = run(train_tool.main, [config, "--work-dir", tmp_path / "run"], capsys)
     text = assert_user_error(code, err, "loss is nan at step 0 (epoch 1)", "No epoch had finished", "optim.lr")

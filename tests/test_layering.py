@@ -25,6 +25,7 @@ RANK = {
     "core": 0,
     "methods": 1,
     "optim": 1,
+    "plugins": 1,
     "data": 1,
     "heads": 1,
     "backbones": 1,

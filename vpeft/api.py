@@ -13,6 +13,7 @@ from .core import Report, add_adapter, build_config, load_adapter_tensors, read_
 from .errors import ArgumentTypeError, DataError
 from .interop import export_hf_peft, import_hf_peft  # noqa: F401  Hugging Face PEFT LoRA directories
 from .methods import METHODS
+from .plugins import PLUGINS, build_plugins
 from .registry import lookup
 from .version import __version__
 
@@ -22,19 +23,45 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
+def list_plugins() -> list[str]:
+    """Names of the registered plug-ins (:mod:`vpeft.plugins`)."""
+    return sorted(PLUGINS)
+
+
 def apply_method(
-    model: nn.Module, method: str, *, adapter_name: str = "default", calibration: Any = None, **options: Any
+    model: nn.Module,
+    method: str,
+    *,
+    adapter_name: str = "default",
+    calibration: Any = None,
+    plugins: list[dict[str, Any]] | None = None,
+    **options: Any,
 ) -> Report:
     """Attach ``method`` to ``model`` in place, freeze everything else, and return the trainable-parameter report.
 
     Options are the fields of the method's config dataclass (its defaults are the paper's VTAB-1k setting).
     ``calibration`` is an iterable of ``(inputs, targets)`` batches for methods that decide from data (SPT...).
     A second call with another ``adapter_name`` adds a second adapter (with its own head) and activates it.
+    ``plugins`` (``[{"name": "density_loss", "weight": 0.1}]``, :mod:`vpeft.plugins`) run beside the adapter: extra
+    loss terms and perturbations during training; they are saved with it.
     """
     _check_model(model, "apply_method", method)
     cls = lookup(METHODS, method, "method")
     config = build_config(cls.Config, options, method)
-    return add_adapter(model, cls, method, config, adapter_name, calibration)
+    extras = build_plugins(plugins)  # checked before the model changes
+    report = add_adapter(model, cls, method, config, adapter_name, calibration)
+    return _attach_plugins(model, adapter_name, extras) if extras else report
+
+
+def _attach_plugins(model: nn.Module, adapter_name: str, extras: list) -> Report:
+    """Attach the checked plug-ins to the new adapter; if one refuses, the adapter goes again (no half state)."""
+    try:
+        for name, cls, config in extras:
+            core.add_plugin(model, name, cls, config, adapter_name)
+    except Exception:
+        core.delete_adapter(model, adapter_name)
+        raise
+    return core.report(model, adapter_name)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -58,7 +85,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     except Exception:
         core.delete_adapter(model, name)
         raise
-    return report
+    saved = [{"name": p["name"], **p["options"]} for p in meta.get("plugins", [])]
+    return _attach_plugins(model, name, build_plugins(saved)) if saved else report
 
 
 def _check_model(model: Any, call: str, second: Any) -> None:
@@ -76,6 +104,9 @@ set_adapter = core.set_adapter
 delete_adapter = core.delete_adapter
 report = core.report
 method_loss = core.method_loss
+loss_context = core.loss_context
+perturb = core.perturb
+restore = core.restore
 on_step = core.on_step
 control = core.control
 StepContext = core.StepContext

@@ -146,9 +146,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, mo
     calls = {"n": 0}
     real = vpeft.method_loss
 
-    def poisoned(model):
+    def poisoned(model, context=None):
         calls["n"] += 1
-        return torch.tensor(float("nan")) if calls["n"] > 10 else real(model)
+        return torch.tensor(float("nan")) if calls["n"] > 10 else real(model, context)
 
     monkeypatch.setattr(vpeft, "method_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 10 \(epoch 2\).*checkpoint.pt"):

@@ -39,6 +39,11 @@ Controllers (vpeft/core/control.py)
     :func:`trainable_count`, :func:`rebuild_adapter` (an adapter rebuilt at the shapes its saved config says),
     :func:`gather` and :func:`swap_parameter` (an optimiser's state following a resized parameter).
 
+Plug-ins and the loss context (a training step's extra losses and perturbations, beside any method)
+    :class:`Plugin` (the base class), :func:`add_plugin`, :func:`plugins_of`; :func:`loss_context` (records the
+    step's forward pass into a :class:`LossContext`: model, batch, outputs), :func:`perturb` and :func:`restore`
+    (around an optimizer step's passes).
+
 Adapter files
     :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
 """
@@ -86,6 +91,7 @@ from .inject import (
 from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, load_adapter_tensors, read_adapter, write_adapter
 from .layers import AdapterModule, AdapterRecord, Prepared
 from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
+from .plugins import LossContext, Plugin, add_plugin, loss_context, perturb, plugins_of, restore
 from .report_table import Report
 from .roles import ROLES
 from .targets import name_matches, select_targets, walk
@@ -100,6 +106,8 @@ __all__ = [
     "AdapterModule",
     "AdapterRecord",
     "HeadLayout",
+    "LossContext",
+    "Plugin",
     "MethodConfig",
     "Prepared",
     "Report",
@@ -111,6 +119,7 @@ __all__ = [
     "adapter_record",
     "adapter_tensors",
     "add_adapter",
+    "add_plugin",
     "build_config",
     "cached",
     "calibration_loss",
@@ -132,6 +141,7 @@ __all__ = [
     "input_covariance",
     "layers_of",
     "load_adapter_tensors",
+    "loss_context",
     "lr_multipliers",
     "merge",
     "method_loss",
@@ -139,8 +149,11 @@ __all__ = [
     "no_weight_decay",
     "on_step",
     "option_types",
+    "perturb",
+    "plugins_of",
     "read_adapter",
     "report",
+    "restore",
     "select_targets",
     "set_adapter",
     "shared_of",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 import re
@@ -19,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .config import MethodConfig, check_ranks
+from .config import MethodConfig, check_ranks, config_to_dict
 from .layers import Adapted, AdaptedMHA, AdapterModule, AdapterRecord, HeadCopies, Prepared, Switch
 from .modules import WHOLE, fused_parts
 from .report_table import Report
@@ -300,6 +301,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del container[name]
         if len(container) == 0:
             del model._modules[SHARED]
+    for plugin in state.adapters[name].plugins.values():
+        plugin.close()
     del state.adapters[name]
     if state.call_hooks is not None and not any(r.method_cls.virtual for r in state.adapters.values()):
         for handle in state.call_hooks:
@@ -416,12 +419,23 @@ def _check_restorable(state: PeftState, action: str) -> None:
         )
 
 
-def method_loss(model: nn.Module) -> Tensor | None:
-    """The active method's extra loss term (a regulariser), or None; the training loop adds it to the task loss."""
+def method_loss(model: nn.Module, context: Any = None) -> Tensor | None:
+    """The active adapter's extra loss: its method's term (a regulariser) plus each plug-in's, or None when there is
+    none; the training loop adds it to the task loss. ``context`` is the step's ``LossContext``
+    (:func:`vpeft.core.plugins.loss_context`); a method's ``loss`` gets it when its signature names ``context``."""
     state = state_of(model)
     name = state.switch.active
     record = state.adapters[name]
-    return record.method_cls.loss(record.config, layers_of(model, name), shared_of(model, name))
+    cls = record.method_cls
+    extra = {"context": context} if _takes_context(cls.loss) else {}
+    terms = [cls.loss(record.config, layers_of(model, name), shared_of(model, name), **extra)]
+    terms += [plugin.loss(context) for plugin in record.plugins.values()]
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _takes_context(function: Any) -> bool:
+    return "context" in inspect.signature(function).parameters
 
 
 def on_step(model: nn.Module, step: int, total_steps: int, optimizer: Any = None) -> None:
@@ -482,7 +496,8 @@ def report(model: nn.Module, name: str | None = None) -> Report:
         rows.append((n, "base tensor", params[n].numel()))
     base_total = sum(p.numel() for n, p in params.items() if not _is_adapter_param(n))
     base_total += sum(w.__dict__.get("released_numel", 0) for *_, w in wrappers(model))  # held packed (releases_base)
-    return Report(record.method, name, rows, heads, base_total)
+    plugins = [f"{n} {config_to_dict(p.config)}" for n, p in record.plugins.items()]
+    return Report(record.method, name, rows, heads, base_total, plugins)
 
 
 def _is_adapter_param(name: str) -> bool:

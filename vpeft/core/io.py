@@ -57,6 +57,7 @@ def write_adapter(model: nn.Module, directory: str | os.PathLike, name: str | No
         "options": config_to_dict(record.config),
         "targets": record.targets,
         "heads": record.heads,
+        "plugins": [{"name": n, "options": config_to_dict(p.config)} for n, p in record.plugins.items()],
         "model_class": type(model).__qualname__,
         "num_tensors": len(tensors),
         "num_parameters": sum(t.numel() for t in tensors.values()),

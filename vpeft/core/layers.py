@@ -206,8 +206,14 @@ class AdapterModule(nn.Module):
         return {}
 
     @classmethod
-    def loss(cls, config: MethodConfig, layers: list[AdapterModule], shared: nn.Module | None) -> Tensor | None:
-        """An extra loss term added to the task loss during training, or None."""
+    def loss(
+        cls, config: MethodConfig, layers: list[AdapterModule], shared: nn.Module | None, context: Any = None
+    ) -> Tensor | None:
+        """An extra loss term added to the task loss during training, or None.
+
+        ``context`` is the step's :class:`vpeft.core.plugins.LossContext` (the model, the batch, the model's outputs);
+        an override that does not name a ``context`` parameter is called without it (regularisers of the method's own
+        tensors need only ``layers`` and ``shared``)."""
         return None
 
     @classmethod
@@ -444,3 +450,4 @@ class AdapterRecord:
     targets: list[str]  # logical names, ``path`` or ``path[part]``
     heads: list[str]
     trainable_base: list[str] = field(default_factory=list)
+    plugins: dict[str, Any] = field(default_factory=dict)  # name -> vpeft.core.plugins.Plugin, in attachment order

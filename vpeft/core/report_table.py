@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,6 +12,7 @@ class Report:
     rows: list[tuple[str, str, int]]  # (target, base type, trainable parameters)
     heads: list[tuple[str, int]]  # (head module, trainable parameters of this adapter's copy)
     base_total: int  # parameters of the base model, adapters excluded
+    plugins: list[str] = field(default_factory=list)  # the adapter's plug-ins with their options (vpeft.plugins)
 
     @property
     def trainable(self) -> int:
@@ -35,6 +36,7 @@ class Report:
             f"{len(self.rows)} targets; trainable {self.trainable:,} without head ({pct:.3f}% of {self.base_total:,}),"
             f" head {self.head:,}, total trainable {self.trainable + self.head:,}"
         )
+        lines += [f"plug-in {p}" for p in self.plugins]
         return "\n".join(lines)
 
     __repr__ = __str__

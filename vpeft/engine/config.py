@@ -13,6 +13,9 @@ scalars replace), and ``--set dotted.key=value`` overrides go on top (values par
 
     python tools/train.py configs/vtab/cifar100/lora_vit_b16.yaml --set optim.lr=5e-4 method.r=16
 
+A top-level ``plugins:`` list adds plug-ins beside the method (``[{name: density_loss, weight: 0.1}]``,
+:mod:`vpeft.plugins`); a child file's list replaces its parent's.
+
 A child file (or ``--set``) that names a different ``method.name`` drops the options inherited for the earlier
 method; ``optim.name`` likewise drops the earlier optimiser's own options (``rank``...) and keeps the schedule
 (``lr``, ``warmup_epochs``...). Every error is a
@@ -42,6 +45,7 @@ from ..errors import ConfigError, MissingFileError
 from ..files import atomic_write
 from ..methods import METHODS
 from ..optim import OPTIMIZERS, optimizer_options
+from ..plugins import build_plugins
 from ..registry import lookup
 from ..tasks import TASKS
 
@@ -200,6 +204,17 @@ class RunConfig(_Section):
     data: DataConfig
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    # plug-ins beside the method (vpeft.plugins): [{name: density_loss, weight: 0.1}]; none by default
+    plugins: list[Any] = []
+
+    @pydantic.field_validator("plugins")
+    @classmethod
+    def _known_plugins(cls, value: list[Any]) -> list[Any]:
+        try:
+            build_plugins(value)
+        except (KeyError, TypeError, ValueError) as err:  # an unknown name, a bad option: the message says which
+            raise PydanticCustomError("plugins", "{message}", {"message": str(err)}) from None
+        return value
 
     @pydantic.field_validator("task")
     @classmethod
@@ -347,7 +362,13 @@ def _describe(error: dict[str, Any], origins: Origins, top: str) -> str:
         return f"{dotted} (in {source}): {_unknown_key(loc, holder) if holder else 'unknown key.'}"
     if error["type"] == "missing":
         return f"{dotted}: required key missing (config {top})"
-    if error["type"] in ("method_option", "optim_option", "task", "device"):  # messages naming the value and valid ones
+    if error["type"] in (
+        "method_option",
+        "optim_option",
+        "task",
+        "device",
+        "plugins",
+    ):  # messages naming the value and valid ones
         return f"{dotted} (in {source}): {error['ctx']['message']}"
     _, ann = _walk(loc)
     expected = f" (expected {_type_name(ann)})" if ann is not None and error["type"].endswith("_type") else ""

@@ -102,7 +102,7 @@ def train(
     model.to(device)  # first: adapters are made beside their base tensors, and calibration runs on the device
     calibration = _calibration_batches(cfg, task, datasets["train"], device) if _needs_calibration(cfg) else None
     options = task.method_options(cfg.method.options)
-    report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, **options)
+    report = vpeft.apply_method(model, cfg.method.name, calibration=calibration, plugins=cfg.plugins, **options)
     log.info("%s", report)
     if resume and (run_dir / CHECKPOINT).is_file():  # a controller may have pruned or grown the adapter since
         restore_structure(run_dir / CHECKPOINT, model)
@@ -178,21 +178,28 @@ def train(
             terms = [task.loss_terms(b) for b in group]
             total = max(dist.sum(torch.tensor([float(sum(terms))], dtype=torch.float64)).item(), 1.0)
             step_sum = torch.zeros(1, dtype=torch.float64, device=device)  # this process's share of the loss
-            for batch, count in zip(group, terms, strict=True):
-                batch = task.to_device(batch, device)
-                with autocast:
-                    loss = task.loss(net, batch)
-                    extra = vpeft.method_loss(model)
-                # DDP and FSDP average the processes' gradients, hence the factor world: the step's gradient is that
-                # of the mean over all its terms; a method's own loss counts once per step
-                objective = loss.mul(count * dist.world).div(total)
-                if extra is not None:
-                    objective = objective + extra.div(len(group))
-                if not torch.isfinite(objective):
-                    raise diverged(run_dir, (loss if extra is None else loss + extra).item(), counters["step"], epoch)
-                (scaler.scale(objective) if scaler else objective).backward()
-                seen += task.items(batch)
-                step_sum += objective.detach().double()
+            vpeft.perturb(model)  # plug-ins that train at perturbed weights (ggpo); restored before the step
+            try:
+                for batch, count in zip(group, terms, strict=True):
+                    batch = task.to_device(batch, device)
+                    with autocast:
+                        # the step's forward pass, recorded for losses that read the model's outputs (ba_lora)
+                        with vpeft.loss_context(model, batch) as context:
+                            loss = task.loss(net, batch)
+                        extra = vpeft.method_loss(model, context=context)
+                    # DDP and FSDP average the processes' gradients, hence the factor world: the step's gradient is
+                    # that of the mean over all its terms; a method's own loss counts once per step
+                    objective = loss.mul(count * dist.world).div(total)
+                    if extra is not None:
+                        objective = objective + extra.div(len(group))
+                    if not torch.isfinite(objective):
+                        value = (loss if extra is None else loss + extra).item()
+                        raise diverged(run_dir, value, counters["step"], epoch)
+                    (scaler.scale(objective) if scaler else objective).backward()
+                    seen += task.items(batch)
+                    step_sum += objective.detach().double()
+            finally:
+                vpeft.restore(model)
             if not checked:
                 check_gradients(model)
                 checked = True
@@ -262,6 +269,7 @@ def train(
         "test_hits": "".join("1" if h else "0" for h in hits) if hits else None,  # per test item: a paired test's data
         "best_val": counters["best"],
         "method": cfg.method.name,
+        "plugins": [p["name"] for p in cfg.plugins],
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "task": cfg.task,
