@@ -38,6 +38,7 @@ RANK = {
     "engine": 4,
     "integrations": 5,
     "federated": 5,
+    "search": 5,
     "__main__": 5,
 }
 

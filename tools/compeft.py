@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scope", choices=("global", "tensor"), default="global")
     parser.add_argument("--select-split", default="val", help="split that picks alpha")
     parser.add_argument("--test-split", default="test")
+    parser.add_argument(
+        "--original-from-summary",
+        action="store_true",
+        help="take the original adapter's test metrics from the run's summary.json instead of scoring it again",
+    )
     args = parser.parse_args(argv)
     if args.out.exists():
         raise ExistingPathError(f"--out {args.out} exists; choose a new directory.")
@@ -76,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     for alpha in args.alphas:
         comp = compress(trained, init, args.density, alpha, args.scope)
         write_run(args.run_dir, args.out / f"alpha={alpha:g}", decompress(comp, init))
-        scores[alpha] = evaluate_run(args.out / f"alpha={alpha:g}", args.select_split)
-        print(json.dumps({"alpha": alpha, args.select_split: _short(scores[alpha])}), flush=True)
-    metric = "accuracy" if "accuracy" in scores[args.alphas[0]] else next(iter(_short(scores[args.alphas[0]])))
-    best = max(args.alphas, key=lambda a: scores[a][metric])
+        if len(args.alphas) > 1:  # one alpha: nothing to select
+            scores[alpha] = evaluate_run(args.out / f"alpha={alpha:g}", args.select_split)
+            print(json.dumps({"alpha": alpha, args.select_split: _short(scores[alpha])}), flush=True)
+    best = max(args.alphas, key=lambda a: _main_metric(scores[a])) if scores else args.alphas[0]
     comp = compress(trained, init, args.density, best, args.scope)
     comp.meta = {"run_dir": str(args.run_dir), "method": meta["method"], "num_parameters": meta.get("num_parameters")}
     save_compressed(comp, args.out / "compeft")
@@ -89,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     for alpha in args.alphas:
         if alpha != best:
             shutil.rmtree(args.out / f"alpha={alpha:g}")
-    original, compressed = evaluate_run(args.run_dir, args.test_split), evaluate_run(args.out / "run", args.test_split)
+    compressed = evaluate_run(args.out / "run", args.test_split)
+    if args.original_from_summary:
+        summary = json.loads((args.run_dir / "summary.json").read_text())
+        original = {"split": args.test_split, "test_size": summary["test_size"], **summary["test"]}
+    else:
+        original = evaluate_run(args.run_dir, args.test_split)
+    metric = "accuracy" if "accuracy" in compressed else next(k for k in compressed if k not in ("split", "test_size"))
     report = {
         "run_dir": str(args.run_dir),
         "command": "python tools/compeft.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -109,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _main_metric(metrics: dict) -> float:
+    return (
+        metrics["accuracy"]
+        if "accuracy" in metrics
+        else next(v for k, v in metrics.items() if k not in ("split", "test_size"))
+    )
 
 
 def _short(metrics: dict) -> dict:
