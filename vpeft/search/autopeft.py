@@ -116,11 +116,9 @@ def search(
 
 def plot(records: list[dict[str, Any]], front: list[int], path: Path) -> None:
     """Score against trainable parameters (log scale), the Pareto front joined."""
-    require("matplotlib", "bench", "the Pareto plot")
-    import matplotlib
-
+    matplotlib = require("matplotlib", "search", "the Pareto plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "search", "the Pareto plot")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter([r["params"] for r in records], [r["score"] for r in records], c="0.6", s=18, label="trials")
