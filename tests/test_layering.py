@@ -32,10 +32,14 @@ RANK = {
     "medical": 1,
     "api": 2,
     "interop": 2,
+    "compress": 2,
+    "unir": 2,
     "": 2,  # the package itself, vpeft/__init__.py: the public functions
     "tasks": 3,
     "engine": 4,
     "integrations": 5,
+    "federated": 5,
+    "search": 5,
     "__main__": 5,
 }
 
