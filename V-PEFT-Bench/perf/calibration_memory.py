@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from memory_child import child_json, rss_mb
 
 import vpeft
 from vpeft.engine import cli
@@ -40,12 +39,6 @@ from vpeft.files import atomic_write
 
 BATCH, LENGTH, VOCAB = 4, 256, 49152
 RUNS = ("lora", "pissa", "corda", "lora_ga")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (``VmHWM`` starts afresh at exec)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 def batch(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -73,18 +66,12 @@ def child(name: str, items: int) -> None:
         vpeft.apply_method(model, name, calibration=calibration if name != "pissa" else None, **options)
     seconds = time.perf_counter() - tic
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mb()
     print(json.dumps({"peak_mb": peak, "seconds": seconds, "trainable": trainable}))
 
 
 def measure(name: str, items: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # setting it at all turns glibc's dynamic raise off
-    cmd = [sys.executable, __file__, "--child", name, "--items", str(items)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{name}: the child failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(__file__, ["--child", name, "--items", str(items)], name)
 
 
 def main(argv: list[str] | None = None) -> None:

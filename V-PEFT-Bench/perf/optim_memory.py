@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from memory_child import child_json, rss_mb
 
 import vpeft
 from vpeft.engine import cli
@@ -35,12 +34,6 @@ from vpeft.optim import optimizer_options
 
 BATCH, LENGTH, STEPS = 4, 256, 3
 OPTIMIZERS = ("adamw", "galore", "natural_galore", "gradnorm_lorp")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (``VmHWM`` starts afresh at exec)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 def child(name: str, rank: int) -> None:
@@ -62,18 +55,12 @@ def child(name: str, rank: int) -> None:
     tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     state = sum(t.numel() * t.element_size() for t in tensors)
     projected = sum(len(g["params"]) for g in optimizer.param_groups if "rank" in g)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mb()
     print(json.dumps({"peak_mb": peak, "state_mb": state / 2**20, "projected": projected, "seconds": seconds}))
 
 
 def measure(name: str, rank: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # setting it at all turns glibc's dynamic raise off
-    cmd = [sys.executable, __file__, "--child", name, "--rank", str(rank)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{name}: the child failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(__file__, ["--child", name, "--rank", str(rank)], name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from memory_child import child_json, rss_mb
 
 import vpeft
 from vpeft.core import WHOLE, adapted_modules
@@ -42,11 +41,6 @@ from vpeft.files import atomic_write
 
 METHODS = ("lora", "peqa", "sketchtune", "l4q", "halo")
 OPTIONS = {"lora": {"targets": ("in_block",), "r": 8, "alpha": 16.0, "dropout": 0.0}}
-
-
-def rss_mb(field: str) -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
 
 
 def tensor_bytes(tensors) -> int:
@@ -96,13 +90,7 @@ def child(method: str, batch: int, length: int) -> None:
 
 
 def measure(method: str, batch: int, length: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    cmd = [sys.executable, __file__, "--child", method, "--batch", str(batch), "--length", str(length)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{method}: the child failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(__file__, ["--child", method, "--batch", str(batch), "--length", str(length)], method)
 
 
 def main(argv: list[str] | None = None) -> None:
