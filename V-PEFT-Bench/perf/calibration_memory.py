@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from memory_child import child_json, rss_mb
+from memory_child import child_json, heading, peak_source, rss_mb, stream_table
 
 import vpeft
 from vpeft.engine import cli
 from vpeft.errors import ConfigError
-from vpeft.files import atomic_write
 
 BATCH, LENGTH, VOCAB = 4, 256, 49152
 RUNS = ("lora", "pissa", "corda", "lora_ga")
@@ -88,31 +86,28 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
         raise ConfigError(f"--runs: {', '.join(unknown)} unknown; choose from {', '.join(RUNS)}.")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}"
-    command = "python V-PEFT-Bench/perf/calibration_memory.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    title, command = heading("Calibration memory", "calibration_memory.py", argv)
     lines = [
-        f"# Calibration memory: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}",
+        title,
         "",
         f"`{command}`; SmolLM2-135M-Instruct, batches of {BATCH} x {LENGTH} tokens; `lora` is one training step "
         f"(r=8 on q, v, AdamW), the others the whole `apply_method` with {args.items} calibration batches. Peak: "
-        + ("`max_memory_allocated`." if torch.cuda.is_available() else "peak RSS of a child (fixed mmap threshold)."),
+        + peak_source(),
         "",
         "| run | trainable | peak MB | x lora step | seconds |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    print("\n".join(lines), flush=True)
     rows: dict[str, dict] = {}
-    for name in names:
+
+    def row(name: str) -> str:
         rows[name] = r = measure(name, args.items)
         base = rows.get("lora", {"peak_mb": float("nan")})
-        line = (
+        return (
             f"| {name} | {r['trainable']:,} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.3f} | "
             f"{r['seconds']:.1f} |"
         )
-        lines.append(line)
-        print(line, flush=True)
-    if args.out:
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+
+    stream_table(lines, names, row, args.out)
 
 
 if __name__ == "__main__":

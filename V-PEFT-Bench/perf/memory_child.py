@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,3 +31,33 @@ def child_json(script: str, args: list[str], what: str) -> dict:
     if done.returncode:
         raise RuntimeError(f"{what}: the child failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def heading(what: str, script: str, argv: list[str] | None) -> tuple[str, str]:
+    """The table's title line (what, the device, threads, torch) and the command that made it."""
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}"
+    title = f"# {what}: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    return title, f"python V-PEFT-Bench/perf/{script}" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+
+
+def peak_source() -> str:
+    import torch
+
+    return "`max_memory_allocated`." if torch.cuda.is_available() else "peak RSS of a child (fixed mmap threshold)."
+
+
+def stream_table(lines: list[str], names: list[str], row: Callable[[str], str], out: Path | None) -> None:
+    """Print the header ``lines``, then one row per name as it is measured (``row(name)``), and write the whole
+    table to ``out`` (markdown, atomically) when given."""
+    from vpeft.files import atomic_write
+
+    print("\n".join(lines), flush=True)
+    for name in names:
+        lines.append(row(name))
+        print(lines[-1], flush=True)
+    if out:
+        atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from memory_child import child_json, rss_mb
+from memory_child import child_json, heading, peak_source, rss_mb, stream_table
 
 import vpeft
 from vpeft.engine import cli
-from vpeft.files import atomic_write
 from vpeft.optim import optimizer_options
 
 BATCH, LENGTH, STEPS = 4, 256, 3
@@ -76,31 +74,27 @@ def main(argv: list[str] | None = None) -> None:
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     for name in names:  # a wrong name stops before the first child (minutes) starts
         optimizer_options(name, {} if name == "adamw" else {"rank": args.rank})
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}"
-    command = "python V-PEFT-Bench/perf/optim_memory.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    title, command = heading("Optimiser memory", "optim_memory.py", argv)
     lines = [
-        f"# Optimiser memory: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}",
+        title,
         "",
         f"`{command}`; SmolLM2-135M-Instruct, method `full`, batch {BATCH} x {LENGTH} tokens, {STEPS} steps, "
-        f"rank {args.rank} for the projecting optimisers. Peak: "
-        + ("`max_memory_allocated`." if torch.cuda.is_available() else "peak RSS of a child (fixed mmap threshold)."),
+        f"rank {args.rank} for the projecting optimisers. Peak: " + peak_source(),
         "",
         "| optim.name | projected matrices | optimiser state MB | x adamw | peak MB | x adamw | seconds (3 steps) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    print("\n".join(lines), flush=True)
     rows: dict[str, dict] = {}
-    for name in names:
+
+    def row(name: str) -> str:
         rows[name] = r = measure(name, args.rank)
         base = rows.get("adamw", {"state_mb": float("nan"), "peak_mb": float("nan")})
-        line = (
+        return (
             f"| {name} | {r['projected']} | {r['state_mb']:.0f} | {r['state_mb'] / base['state_mb']:.3f} | "
             f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.3f} | {r['seconds']:.1f} |"
         )
-        lines.append(line)
-        print(line, flush=True)
-    if args.out:
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+
+    stream_table(lines, names, row, args.out)
 
 
 if __name__ == "__main__":

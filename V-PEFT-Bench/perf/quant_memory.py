@@ -25,19 +25,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from memory_child import child_json, rss_mb
+from memory_child import child_json, heading, rss_mb, stream_table
 
 import vpeft
 from vpeft.core import WHOLE, adapted_modules
 from vpeft.engine import cli
 from vpeft.errors import ConfigError
-from vpeft.files import atomic_write
 
 METHODS = ("lora", "peqa", "sketchtune", "l4q", "halo")
 OPTIONS = {"lora": {"targets": ("in_block",), "r": 8, "alpha": 16.0, "dropout": 0.0}}
@@ -108,11 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ConfigError(f"--methods names {unknown}; this table compares {', '.join(METHODS)}.")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}"
-    command = "python V-PEFT-Bench/perf/quant_memory.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    title, command = heading("Training-step memory with a quantised base", "quant_memory.py", argv)
     lines = [
-        f"# Training-step memory with a quantised base: {device} ({torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}",
+        title,
         "",
         f"`{command}`; SmolLM2-135M-Instruct, every Linear of the 30 blocks adapted (210 weights), AdamW, batch "
         f"{args.batch} x {args.length} tokens, 3 steps. Peak: "
@@ -125,19 +121,17 @@ def main(argv: list[str] | None = None) -> None:
         "| method | trainable | frozen target weights MB | model tensors MB | peak MB | x lora | seconds (3 steps) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    print("\n".join(lines), flush=True)
     rows: dict[str, dict] = {}
-    for name in names:
+
+    def row(name: str) -> str:
         rows[name] = r = measure(name, args.batch, args.length)
         ref = rows.get("lora", {"peak_mb": float("nan")})["peak_mb"]
-        line = (
+        return (
             f"| {name} | {r['trainable']:,} | {r['frozen_mb']:.1f} | {r['held_mb']:.1f} | {r['peak_mb']:.0f} | "
             f"{r['peak_mb'] / ref:.3f} | {r['seconds']:.1f} |"
         )
-        lines.append(line)
-        print(line, flush=True)
-    if args.out:
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+
+    stream_table(lines, names, row, args.out)
 
 
 if __name__ == "__main__":
