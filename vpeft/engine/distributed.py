@@ -105,6 +105,7 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # every rank done (rank 0 may still be writing) before gloo's threads are torn down
             dist.destroy_process_group()
 
 
