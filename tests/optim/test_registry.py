@@ -155,6 +155,25 @@ def test_a_methods_learning_rate_multipliers_get_their_own_groups_and_keep_them_
     assert fast == pytest.approx(4 * opt.param_groups[0]["lr"]) and fast < 0.04  # the schedule moved both alike
 
 
+def test_the_task_head_trains_at_head_lr_and_the_adapter_at_lr(tmp_path):
+    """Adam's first step moves each element by its lr (|g| >> eps): the head copy by head_lr, LoRA's B by lr."""
+    model = tiny_vit()
+    vpeft.apply_method(model, "lora", targets=("q", "v"), head=("head",))
+    opt = vpeft.build_optimizer(model, lr=1e-3, weight_decay=0.0, head_lr=1e-2)
+    head = next(p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and "head" in n)
+    b = model.blocks[0].attn.qkv.adapters["default"]["q"].lora_B
+    before = head.detach().clone(), b.detach().clone()
+    torch.manual_seed(1)
+    model(torch.randn(4, 3, 32, 32)).logsumexp(-1).sum().backward()
+    opt.step()
+    moved_head, moved_b = (head - before[0]).abs(), (b - before[1]).abs()
+    assert moved_head.max().item() == pytest.approx(1e-2, rel=1e-3)
+    assert moved_b.max().item() == pytest.approx(1e-3, rel=1e-3)
+    assert load_config(write(tmp_path, MINIMAL + "optim: {lr: 0.001, head_lr: 0.01}\n")).optim.head_lr == 0.01
+    with pytest.raises(ConfigError, match="optim.head_lr"):
+        load_config(write(tmp_path, MINIMAL + "optim: {head_lr: 0}\n"))
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

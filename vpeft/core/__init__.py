@@ -26,8 +26,8 @@ Adapter state
     :func:`shared_of` (an adapter's modules), :func:`adapted_modules` (each module it changes, as an
     :class:`AdaptedModule`), :func:`adapter_tensors` and :func:`load_adapter_tensors` (its tensors under their file
     keys), :func:`no_weight_decay` (its tensors kept out of weight decay), :func:`lr_multipliers` (its tensors
-    trained at a multiple of the learning rate), :func:`fsdp_units` (FSDP wrapping that
-    never mixes frozen and trainable tensors in one unit).
+    trained at a multiple of the learning rate), :func:`head_tensors` (its copy of the task head),
+    :func:`fsdp_units` (FSDP wrapping that never mixes frozen and trainable tensors in one unit).
 
 Virtual tokens (prompt and prefix tuning)
     An adapter module with ``virtual`` set adds tokens to the model's call, which the core rewrites (masks, position
@@ -76,6 +76,7 @@ from .inject import (
     delete_adapter,
     disabled,
     fsdp_units,
+    head_tensors,
     layers_of,
     lr_multipliers,
     merge,
@@ -137,6 +138,7 @@ __all__ = [
     "fused_parts",
     "input_embedding",
     "head_layout",
+    "head_tensors",
     "is_conv1d",
     "input_covariance",
     "layers_of",

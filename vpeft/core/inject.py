@@ -473,6 +473,20 @@ def lr_multipliers(model: nn.Module) -> dict[int, float]:
     }
 
 
+def head_tensors(model: nn.Module) -> set[int]:
+    """``id``s of the active adapter's own copy of the task head (what a linear probe trains): the run's
+    ``optim.head_lr`` applies to them, so a method tuned at a low lr does not also slow its classifier."""
+    state = state_of(model, required=False)
+    if state is None or state.switch.active is None:
+        return set()
+    return {
+        id(p)
+        for adapted in adapted_modules(model, state.switch.active)
+        if adapted.head
+        for p in adapted.parts[WHOLE].parameters()
+    }
+
+
 def report(model: nn.Module, name: str | None = None) -> Report:
     """The trainable-parameter table of adapter ``name`` (default: the active one)."""
     state = state_of(model)

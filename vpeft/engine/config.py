@@ -131,6 +131,7 @@ class OptimConfig(_Section):
     model_config = ConfigDict(extra="allow", strict=True)
     name: str = DEFAULT_OPTIMIZER
     lr: float = Field(1e-3, gt=0.0)
+    head_lr: float | None = Field(None, gt=0.0)  # the task head's lr (default lr): a probe's rate beside a low one
     weight_decay: float = Field(1e-4, ge=0.0)
     betas: Pair = (0.9, 0.999)
     warmup_epochs: float = Field(0.0, ge=0.0)

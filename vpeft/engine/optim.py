@@ -3,7 +3,7 @@ with linear warmup.
 
 No weight decay for biases and norm weights (tensors with one dimension), for tokens (timm's ``no_weight_decay()``
 names: ``pos_embed``, ``cls_token``...) and for the tensors a method keeps out of decay (VPT's prompts); a method's
-learning-rate multipliers give groups of their own (:func:`vpeft.optim.param_groups`).
+learning-rate multipliers and ``optim.head_lr`` give groups of their own (:func:`vpeft.optim.param_groups`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ __all__ = ["build_optimizer", "cosine_with_warmup", "param_groups"]
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], name: str = "adamw", **options: Any
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    name: str = "adamw",
+    head_lr: float | None = None,
+    **options: Any,
 ) -> torch.optim.Optimizer:
-    """Optimiser ``name`` (``adamw``: ``torch.optim.AdamW``) over the trainable tensors of ``model``."""
-    return _build(model, name, lr=lr, weight_decay=weight_decay, betas=betas, **options)
+    """Optimiser ``name`` (``adamw``: ``torch.optim.AdamW``) over the trainable tensors of ``model``; the task
+    head at ``head_lr`` when given."""
+    return _build(model, name, lr=lr, weight_decay=weight_decay, betas=betas, head_lr=head_lr, **options)
 
 
 def cosine_with_warmup(

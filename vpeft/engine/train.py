@@ -124,7 +124,7 @@ def train(
     total_steps = steps_per_epoch * cfg.train.epochs
     optim = cfg.optim
     optimizer = (
-        build_optimizer(model, optim.lr, optim.weight_decay, optim.betas, optim.name, **optim.options)
+        build_optimizer(model, optim.lr, optim.weight_decay, optim.betas, optim.name, optim.head_lr, **optim.options)
         if trainable
         else None
     )

@@ -20,7 +20,9 @@ tensor (norms, biases, embeddings, the head, narrow matrices) takes the same Ada
 for weights trained in place: the method ``full``, optionally limited to some modules (``full``'s ``modules``).
 
 Parameter groups: no weight decay for 1-D tensors, timm's ``no_weight_decay()`` tokens and what a method keeps out of
-decay; a method's learning-rate multipliers (``AdapterModule.lr_multipliers``) give groups of their own.
+decay; a method's learning-rate multipliers (``AdapterModule.lr_multipliers``) give groups of their own, and so
+does the task head when ``head_lr`` sets it apart (the head a linear probe trains learns at the probe's rate while a
+spectral method's factors train at a tenth of it).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..core import (
     PositiveInt,
     adapter_names,
     build_config,
+    head_tensors,
     lr_multipliers,
     no_weight_decay,
     select_targets,
@@ -166,13 +169,19 @@ def param_groups(
     lr: float | None = None,
     projected: set[int] | dict[int, str] = frozenset(),
     group_extra: dict[str, Any] | None = None,
+    head_lr: float | None = None,
 ) -> list[dict]:
     """The trainable tensors of ``model`` in groups by (projected, decayed, learning-rate multiplier), decayed
     first; a group with a multiplier sets its ``lr`` (``lr`` times it; needs ``lr``), the others take the optimiser's.
-    ``group_extra`` goes into the groups of ``projected`` tensors."""
+    ``group_extra`` goes into the groups of ``projected`` tensors; ``head_lr`` is the active adapter's task-head
+    copy's learning rate (its multiplier is ``head_lr / lr``)."""
     active = bool(adapter_names(model))
     keep_out = no_weight_decay(model) if active else set()
     factors = lr_multipliers(model) if active else {}
+    if head_lr is not None and active:
+        if lr is None:
+            raise ValueError("param_groups: head_lr is given relative to the run's lr; pass lr=")
+        factors.update(dict.fromkeys(head_tensors(model), head_lr / lr))
     base_tokens = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     buckets: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -200,10 +209,11 @@ def build_optimizer(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     betas: tuple[float, float] = (0.9, 0.999),
+    head_lr: float | None = None,
     **options: Any,
 ) -> torch.optim.Optimizer:
     """Optimiser ``name`` over the trainable tensors of ``model``, with its ``options`` (the keys of
-    ``optim`` in a run config beside ``name``)."""
+    ``optim`` in a run config beside ``name``); ``head_lr``: the task head's own learning rate (default ``lr``)."""
     spec = lookup(OPTIMIZERS, name, "optimizer")
     config = optimizer_options(name, options)
     projected: dict[int, str] = {}
@@ -211,4 +221,4 @@ def build_optimizer(
     if spec.projects:
         projected = projected_tensors(model, config.targets, config.rank)
         extra = {key: getattr(config, key) for key in spec.group_options}
-    return spec.make(param_groups(model, weight_decay, lr, projected, extra), lr, betas, config)
+    return spec.make(param_groups(model, weight_decay, lr, projected, extra, head_lr), lr, betas, config)
