@@ -124,14 +124,21 @@ def select(scored: Sequence[tuple[tuple[tuple[str, Any], ...], float | None]]) -
     return best[0] if best else None
 
 
+def _method_set(table: dict[str, list[str]], method: MethodRef) -> list[str]:
+    """A ``method_set``'s overrides for ``method``: its name's, then its variant's (``corda:mode=kpm``), which then win
+    where both set a key."""
+    variant = table.get(method.label, []) if method.label != method.name else []
+    return [*table.get(method.name, []), *variant]
+
+
 def _base(suite: Suite, task: TaskRef, method: MethodRef, protocol: str) -> list[str]:
     return [
         *suite.set,
         *task.overrides,
         *([f"data.root={task.root}"] if task.root is not None else []),
         f"method.name={method.name}",
-        *suite.method_set.get(method.name, []),
-        *task.method_set.get(method.name, []),
+        *_method_set(suite.method_set, method),
+        *_method_set(task.method_set, method),
         *method.overrides,
         *suite.protocol(protocol).set,
     ]

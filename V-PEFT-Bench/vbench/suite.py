@@ -26,7 +26,7 @@ and then, for both::
 
     seeds: [42, 44, 82, 100, 800]          # --seeds N runs the first N
     set: [model.pretrained=checkpoints/ViT-B_16.npz]      # overrides for every run
-    method_set: {spt_lora: [method.param_budget=0.012]}   # overrides for one method
+    method_set: {spt_lora: [method.param_budget=0.012]}   # overrides for one method (or variant: lora:r=16)
     baselines:                             # reference rows run with every sweep, each on its tasks
       frozen_0shot: {method: frozen, tasks: [lemmas], tune: false, seeds: 1}
       frozen_3shot: {method: frozen, tasks: [lemmas], set: [data.options.shots=3], tune: false}

@@ -76,6 +76,21 @@ def test_plans_use_the_protocol_splits(suite_file):
         parse_seeds("4", suite)
 
 
+def test_a_method_set_keyed_by_a_variant_applies_to_that_variant_only(suite_file):
+    """``corda:mode=kpm`` keeps its own lr beside ``corda``'s: the variant's overrides follow its method's."""
+    spec = yaml.safe_load(suite_file.read_text())
+    spec["method_set"]["spt_lora:r=4"] = ["optim.lr=0.005", "method.param_budget=0.02"]
+    suite_file.write_text(yaml.safe_dump(spec))
+    suite = load_suite(str(suite_file))
+    task = TaskRef("mini_count", "structured", suite_file.parent)
+    variant = final_runs(suite, "literature", task, parse_method("spt_lora:r=4"), [0])[0].overrides
+    plain = final_runs(suite, "literature", task, parse_method("spt_lora"), [0])[0].overrides
+    other = final_runs(suite, "literature", task, parse_method("spt_lora:r=8"), [0])[0].overrides
+    assert variant.index("method.param_budget=0.012") < variant.index("method.param_budget=0.02")
+    assert "optim.lr=0.005" in variant and "optim.lr=0.005" not in plain and "optim.lr=0.005" not in other
+    assert "method.param_budget=0.012" in plain and "method.param_budget=0.02" not in other
+
+
 class FakeTrain:
     """Stands in for the engine: tune score 60 for lr >= 2e-3 (a tie), else 50; final score 70 + seed."""
 
