@@ -6,9 +6,10 @@ python tools/star.py configs/bench/recipes/lm_wordnet16.yaml --out runs/star --s
 
 The train split is the pool, its labels hidden from the selection; each round trains the config's method (in this
 process, through the engine) on the labelled items, scores the test split, and labels ``--k`` more items chosen by
-the strategy. ``star`` also trains with the ``lora_b_decay`` plug-in (``--b-decay``, 0 for none). ``--set`` edits
-the config for every round (the budget per round: ``train.epochs``...). ``OUT/results.jsonl`` has one line per seed,
-strategy and round; ``OUT/curve.png`` plots test accuracy against labelled items (mean +- std over the seeds);
+the strategy. ``star`` also trains with the ``lora_b_decay`` plug-in (``--b-decay``; 0 for none, as a method without
+LoRA's B needs). ``--set`` edits the config for every round (the budget per round: ``train.epochs``...; the recipe's
+``train.max_steps`` would cap a round's steps, hence ``null``). ``OUT/results.jsonl`` has one line per seed, strategy
+and round; ``OUT/curve.png`` plots test accuracy against labelled items (mean +- std over the seeds);
 ``OUT/seed<s>/<strategy>/round<r>/`` holds each round's labelled set (``data/train.jsonl``) and run (``run/``).
 """
 

@@ -141,7 +141,8 @@ def run_active(
             for r in range(budget.rounds):
                 tic = time.perf_counter()
                 run_dir = out / f"seed{seed}" / strategy / f"round{r}"
-                plugins = [{"name": DECAY_PLUGIN, "weight_decay": settings.b_decay}] if strategy == "star" else []
+                star_decay = strategy == "star" and settings.b_decay > 0  # 0: STAR's selection with plain training
+                plugins = [{"name": DECAY_PLUGIN, "weight_decay": settings.b_decay}] if star_decay else []
                 round_cfg = _round_config(cfg, task_options, classes, run_dir / "data", seed, plugins=plugins)
                 _labelled_data(run_dir / "data", [pool[i] for i in labelled], classes, out / "data" / "test.jsonl")
                 summary = train(round_cfg, run_dir / "run")
