@@ -74,6 +74,18 @@ def test_random_selection_is_reproducible_and_distinct():
         random_k(3, 4, np.random.default_rng(0))
 
 
+def test_curve_is_the_mean_and_std_over_seeds():
+    from vpeft.active import curve
+
+    rows = [
+        {"strategy": "star", "labelled": 4, "accuracy": 50.0},
+        {"strategy": "star", "labelled": 4, "accuracy": 60.0},
+        {"strategy": "star", "labelled": 8, "accuracy": 70.0},
+        {"strategy": "random", "labelled": 4, "accuracy": 1.0},
+    ]
+    assert curve(rows) == {"star": [(4, 55.0, 5.0, 2), (8, 70.0, 0.0, 1)], "random": [(4, 1.0, 0.0, 1)]}
+
+
 def test_b_decay_is_adamw_decoupled_decay_on_b_alone():
     lr, decay = 0.01, 0.5
     model = tiny_llama()

@@ -21,8 +21,10 @@ min-max normalised, as the code normalises its base values.
 
 Each round's run directory holds ``data/train.jsonl``: the labelled items with their labels revealed (the oracle's
 answers), read by the ``jsonl`` reader with the task's class names, so that the test split and the label indices are
-the task's own. ``results.jsonl`` (one line per seed, strategy and round; rewritten atomically after each round) and
-``curve.png`` (test accuracy against labelled items, mean +- standard deviation over the seeds) sit in ``out``.
+the task's own. ``results.jsonl`` (one line per seed, strategy and round: ``labelled``, the test ``accuracy``
+and ``macro_f1``, ``added`` the pool indices first labelled for that round, ``run_dir``, ``seconds``; rewritten
+atomically after each round) and ``curve.png`` (test accuracy against labelled items, mean +- standard deviation over
+the seeds) sit in ``out``.
 """
 
 from __future__ import annotations
