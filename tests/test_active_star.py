@@ -16,7 +16,7 @@ import vpeft
 from vpeft.active import Budget, dynamic_uncertainty, dynamic_weight, entropy, mc_entropy, minmax, random_k, top_k
 from vpeft.core import WHOLE, adapted_modules
 from vpeft.engine import cli
-from vpeft.errors import ConfigError
+from vpeft.errors import ConfigError, ExistingPathError
 from vpeft.optim import build_optimizer
 
 from .lm.models import batches, task_loss, tiny_llama
@@ -176,6 +176,40 @@ def test_random_strategy_is_reproducible_by_seed(tiny_text, tmp_path):
     first = picks("a", 5)
     assert first == picks("b", 5)
     assert first != picks("c", 6)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_where_an_interrupted_call_stopped(tiny_text, tmp_path):
+    from vpeft.active import run_active
+
+    def same(rows):
+        return [{k: v for k, v in r.items() if k not in ("run_dir", "seconds", "selection_seconds")} for r in rows]
+
+    args = (["star", "random"], [1], Budget(4, 3, 3))
+    whole = run_active(tiny_text, [], tmp_path / "a", *args, report=lambda _: 0)
+
+    def dies_after_two(line, seen=[]):  # noqa: B006  (a counter that lives across the calls)
+        seen.append(line)
+        if len(seen) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_active(tiny_text, [], tmp_path / "b", *args, report=dies_after_two)
+    cut = tmp_path / "b" / "seed1" / "star" / "round2" / "run"
+    cut.mkdir(parents=True)
+    (cut / "config.yaml").write_text("half-written")  # a round the interruption cut short
+    with pytest.raises(ExistingPathError, match="--resume"):
+        run_active(tiny_text, [], tmp_path / "b", *args, report=lambda _: 0)
+    with pytest.raises(ConfigError, match="budget"):
+        run_active(tiny_text, [], tmp_path / "b", ["star", "random"], [1], Budget(4, 2, 3), resume=True)
+    resumed = []
+    rows = run_active(tiny_text, [], tmp_path / "b", *args, report=resumed.append, resume=True)
+    assert len(resumed) == 4  # star's third round and random's three; the two finished rounds are kept
+    assert same(rows) == same(whole)
+    assert same(json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()) == same(whole)
 
 
 def tool(*argv):

@@ -11,6 +11,8 @@ LoRA's B needs). ``--set`` edits the config for every round (the budget per roun
 ``train.max_steps`` would cap a round's steps, hence ``null``). ``OUT/results.jsonl`` has one line per seed, strategy
 and round; ``OUT/curve.png`` plots test accuracy against labelled items (mean +- std over the seeds);
 ``OUT/seed<s>/<strategy>/round<r>/`` holds each round's labelled set (``data/train.jsonl``) and run (``run/``).
+``--resume`` continues an interrupted call with the same arguments (``OUT/request.json``): finished rounds are kept,
+a round cut short is trained again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc-passes", type=cli.at_least(1), default=3, help="STAR's Monte-Carlo dropout passes")
     parser.add_argument("--step", type=cli.at_least(0.0, float), default=0.1, help="STAR's lambda_t = step (t + 1)")
     parser.add_argument("--b-decay", type=cli.at_least(0.0, float), default=0.5, help="STAR's weight decay on B")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted call in --out (same arguments)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("vpeft").setLevel(logging.WARNING)  # the rounds' own epoch lines; the loop prints its own
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         Budget(args.initial, args.k, args.rounds),
         Settings(args.mc_passes, args.step, args.b_decay),
         report=lambda line: print(line, flush=True),
+        resume=args.resume,
     )
     print(f"{args.out / 'results.jsonl'}\n{args.out / 'curve.png'}")
     return 0

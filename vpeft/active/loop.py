@@ -7,7 +7,7 @@ rounds; round ``r`` trains the method from the pretrained model on the ``initial
 run each round, as the code relaunches its training script), scores the test split, and (but the last) labels ``k``
 more items chosen by the strategy from the items not yet labelled:
 
-``random``   ``k`` items uniformly (a generator seeded by the seed: the same draws on a rerun);
+``random``   ``k`` items uniformly (a generator seeded by the seed and round: the same draws on a rerun);
 ``entropy``  the ``k`` largest entropies of the round's model (eval mode, one pass): plain uncertainty sampling;
 ``star``     the ``k`` largest dynamic uncertainties (:mod:`vpeft.active.star`): the round's model scored with
              Monte-Carlo dropout mixed with the base model's entropy, the mix moving to the fine-tuned model by
@@ -24,13 +24,15 @@ answers), read by the ``jsonl`` reader with the task's class names, so that the 
 the task's own. ``results.jsonl`` (one line per seed, strategy and round: ``labelled``, the test ``accuracy``
 and ``macro_f1``, ``added`` the pool indices first labelled for that round, ``run_dir``, ``seconds``; rewritten
 atomically after each round) and ``curve.png`` (test accuracy against labelled items, mean +- standard deviation over
-the seeds) sit in ``out``.
+the seeds) sit in ``out``, with ``request.json`` (the call's arguments, which a resumed call must repeat).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ from ..engine import distributed
 from ..engine.config import RunConfig, config_to_dict, load_config
 from ..engine.run_dir import open_run
 from ..engine.train import train
-from ..errors import ConfigError, DataError, ExistingPathError
+from ..errors import ConfigError, DataError, ExistingPathError, MissingFileError
 from ..files import atomic_write
 from ..tasks.text_classification import data_splits, text_options
 from . import star
@@ -54,7 +56,7 @@ from . import star
 STRATEGIES = ("star", "random", "entropy")
 TASK = "text_classification"  # a task whose train items carry a class label
 DECAY_PLUGIN = "lora_b_decay"
-RESULTS, CURVE = "results.jsonl", "curve.png"
+RESULTS, CURVE, REQUEST = "results.jsonl", "curve.png", "request.json"
 log = logging.getLogger("vpeft")
 
 
@@ -115,8 +117,13 @@ def run_active(
     budget: Budget,
     settings: Settings = Settings(),
     report: Callable[[str], None] = log.info,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every strategy for every seed into ``out`` and return the result rows (also ``out/results.jsonl``)."""
+    """Run every strategy for every seed into ``out`` and return the result rows (also ``out/results.jsonl``).
+
+    ``resume`` continues an interrupted call with the same request (``out/request.json``): the rounds in
+    ``results.jsonl`` are kept, a round cut short is done again from its start, and each selection after a kept round
+    is made again from that round's run (seeded: the same items)."""
     cfg = load_config(config, list(overrides))
     check_request(cfg, strategies, budget)
     task_options, reader_options = text_options(cfg, {"max_length": None})
@@ -124,44 +131,71 @@ def run_active(
     pool = examples["train"]
     check_request(cfg, strategies, budget, len(pool))
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExistingPathError(f"{out} already exists and is not empty; choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "data" / "test.jsonl", examples["test"], classes)
-    rows: list[dict[str, Any]] = []
+    request = {"config": str(config), "set": list(overrides), "strategies": list(strategies), "seeds": list(seeds),
+               "budget": dataclasses.asdict(budget), "settings": dataclasses.asdict(settings)}  # fmt: skip
+    done = _check_out(out, request, resume)
+    test = out / "data" / "test.jsonl"
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / REQUEST, request)
+        _write_jsonl(test, examples["test"], classes)
+    rows: list[dict[str, Any]] = list(done.values())
     for seed in seeds:
-        initial = np.random.default_rng(seed).permutation(len(pool))[: budget.initial]
+        initial = [int(i) for i in np.random.default_rng(seed).permutation(len(pool))[: budget.initial]]
         base: np.ndarray | None = None
         for strategy in strategies:
             if strategy == "star" and base is None:
-                base_dir = out / f"seed{seed}" / "base"
-                _labelled_data(base_dir / "data", [pool[i] for i in initial], classes, out / "data" / "test.jsonl")
-                base = _base_uncertainty(cfg, task_options, classes, pool, base_dir, seed)
-            picker = np.random.default_rng([seed, 1])  # the random strategy's own stream
-            labelled = [int(i) for i in initial]
-            added = list(labelled)
+                base = _base_uncertainty(cfg, task_options, classes, pool, initial, out / f"seed{seed}" / "base", seed)
+            labelled: list[int] = []
+            added, choosing = initial, 0.0
             for r in range(budget.rounds):
-                tic = time.perf_counter()
+                labelled += added
                 run_dir = out / f"seed{seed}" / strategy / f"round{r}"
-                star_decay = strategy == "star" and settings.b_decay > 0  # 0: STAR's selection with plain training
-                plugins = [{"name": DECAY_PLUGIN, "weight_decay": settings.b_decay}] if star_decay else []
-                round_cfg = _round_config(cfg, task_options, classes, run_dir / "data", seed, plugins=plugins)
-                _labelled_data(run_dir / "data", [pool[i] for i in labelled], classes, out / "data" / "test.jsonl")
-                summary = train(round_cfg, run_dir / "run")
-                row = {"seed": seed, "strategy": strategy, "round": r, "labelled": len(labelled),
-                       **{k: summary["test"][k] for k in ("accuracy", "macro_f1")}, "added": added,
-                       "run_dir": str(run_dir / "run")}  # fmt: skip
+                if (seed, strategy, r) not in done:
+                    tic = time.perf_counter()
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a round an interruption cut short starts again
+                    star_decay = strategy == "star" and settings.b_decay > 0  # 0: STAR's selection, plain training
+                    plugins = [{"name": DECAY_PLUGIN, "weight_decay": settings.b_decay}] if star_decay else []
+                    round_cfg = _round_config(cfg, task_options, classes, run_dir / "data", seed, plugins=plugins)
+                    _labelled_data(run_dir / "data", [pool[i] for i in labelled], classes, test)
+                    summary = train(round_cfg, run_dir / "run")
+                    rows.append({"seed": seed, "strategy": strategy, "round": r, "labelled": len(labelled),
+                                 **{k: summary["test"][k] for k in ("accuracy", "macro_f1")}, "added": added,
+                                 "run_dir": str(run_dir / "run"), "seconds": round(time.perf_counter() - tic, 1),
+                                 "selection_seconds": round(choosing, 1)})  # fmt: skip
+                    text = "".join(json.dumps(x) + "\n" for x in rows)
+                    atomic_write(out / RESULTS, lambda tmp, text=text: Path(tmp).write_text(text))
+                    report(f"seed {seed}  {strategy:8s} round {r}  labelled {len(labelled):5d}  "
+                           f"accuracy {rows[-1]['accuracy']:.2f}  {rows[-1]['seconds']:.0f} s")  # fmt: skip
                 if r + 1 < budget.rounds:
-                    added = select(strategy, run_dir / "run", pool, labelled, budget.k, r, seed, settings, base, picker)
-                    labelled += added
-                row["seconds"] = round(time.perf_counter() - tic, 1)
-                rows.append(row)
-                text = "".join(json.dumps(x) + "\n" for x in rows)
-                atomic_write(out / RESULTS, lambda tmp, text=text: Path(tmp).write_text(text))
-                report(f"seed {seed}  {strategy:8s} round {r}  labelled {row['labelled']:5d}  "
-                       f"accuracy {row['accuracy']:.2f}  {row['seconds']:.0f} s")  # fmt: skip
+                    tic = time.perf_counter()
+                    kept = done.get((seed, strategy, r + 1))
+                    added = kept["added"] if kept else select(strategy, run_dir / "run", pool, labelled, budget.k, r,
+                                                              seed, settings, base)  # fmt: skip
+                    choosing = time.perf_counter() - tic
     plot(rows, out / CURVE)
     return rows
+
+
+def _check_out(out: Path, request: dict[str, Any], resume: bool) -> dict[tuple[int, str, int], dict[str, Any]]:
+    """The rounds already in ``out`` by (seed, strategy, round): none for a new run (``out`` must be new or empty);
+    on ``resume``, those of ``results.jsonl``, once ``out/request.json`` is found equal to ``request``."""
+    if not resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ExistingPathError(f"{out} already exists and is not empty; choose another --out, or pass --resume "
+                                    "to continue the run there.")  # fmt: skip
+        return {}
+    if not (out / REQUEST).is_file():
+        raise MissingFileError(f"--resume: {out / REQUEST} does not exist; {out} is not the --out of an earlier "
+                               "tools/star.py call.")  # fmt: skip
+    earlier = json.loads((out / REQUEST).read_text())
+    changed = sorted(k for k in request.keys() | earlier.keys() if request.get(k) != earlier.get(k))
+    if changed:
+        raise ConfigError(f"--resume: the request differs from the one {out} was started with in {changed} "
+                          f"({out / REQUEST}); resume with the same arguments, or start a new --out.")  # fmt: skip
+    lines = (out / RESULTS).read_text().splitlines() if (out / RESULTS).is_file() else []
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return {(r["seed"], r["strategy"], r["round"]): r for r in rows}
 
 
 def select(
@@ -174,12 +208,13 @@ def select(
     seed: int,
     settings: Settings,
     base: np.ndarray | None,
-    rng: np.random.Generator,
 ) -> list[int]:
-    """The ``k`` pool indices (not in ``labelled``) that ``strategy`` labels after round ``t`` of run ``run_dir``."""
+    """The ``k`` pool indices (not in ``labelled``) that ``strategy`` labels after round ``t`` of run ``run_dir``;
+    random draws come from a stream of their own per seed and round, so a rerun (or a resumed run) draws the same."""
     taken = set(labelled)
     remaining = np.array([i for i in range(len(pool)) if i not in taken])
     if strategy == "random":
+        rng = np.random.default_rng([seed, 1, t])
         return [int(i) for i in remaining[star.random_k(len(remaining), k, rng)]]
     items = [pool[i] for i in remaining]
     if strategy == "entropy":
@@ -219,14 +254,20 @@ def _base_uncertainty(
     task_options: dict[str, Any],
     classes: list[str],
     pool: list[TextExample],
-    run_dir: Path,
+    initial: list[int],
+    base_dir: Path,
     seed: int,
 ) -> np.ndarray:
     """The base model's normalised entropy of every pool item: the frozen backbone with a linear head trained on the
-    initial set (``run_dir/data``; see the module's text)."""
-    base_cfg = _round_config(cfg, task_options, classes, run_dir / "data", seed, plugins=[], method={"name": "linear"})
-    train(base_cfg, run_dir / "run")
-    return star.minmax(star.entropy(class_probabilities(run_dir / "run", pool, 0, seed)[0]))
+    initial set (see the module's text); a finished base run in ``base_dir`` (a resumed call) is scored again."""
+    if not (base_dir / "run" / "summary.json").is_file():
+        shutil.rmtree(base_dir, ignore_errors=True)
+        test = base_dir.parents[1] / "data" / "test.jsonl"  # out/data/test.jsonl
+        _labelled_data(base_dir / "data", [pool[i] for i in initial], classes, test)
+        linear = {"name": "linear"}
+        base_cfg = _round_config(cfg, task_options, classes, base_dir / "data", seed, plugins=[], method=linear)
+        train(base_cfg, base_dir / "run")
+    return star.minmax(star.entropy(class_probabilities(base_dir / "run", pool, 0, seed)[0]))
 
 
 def _round_config(
@@ -255,6 +296,10 @@ def _labelled_data(data_dir: Path, items: list[TextExample], classes: list[str],
     """A round's jsonl data: ``train.jsonl`` the labelled ``items``, ``test.jsonl`` a link to the task's test split."""
     _write_jsonl(data_dir / "train.jsonl", items, classes)
     (data_dir / "test.jsonl").symlink_to(test.resolve())
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def _write_jsonl(path: Path, items: list[TextExample], classes: list[str]) -> None:
