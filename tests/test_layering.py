@@ -40,6 +40,7 @@ RANK = {
     "integrations": 5,
     "federated": 5,
     "search": 5,
+    "active": 5,
     "__main__": 5,
 }
 

@@ -42,7 +42,7 @@ Controllers (vpeft/core/control.py)
 Plug-ins and the loss context (a training step's extra losses and perturbations, beside any method)
     :class:`Plugin` (the base class), :func:`add_plugin`, :func:`plugins_of`; :func:`loss_context` (records the
     step's forward pass into a :class:`LossContext`: model, batch, outputs), :func:`perturb` and :func:`restore`
-    (around an optimizer step's passes).
+    (around an optimizer step's passes), :func:`plugin_weight_decay` (the decay plug-ins set for some tensors).
 
 Adapter files
     :func:`write_adapter`, :func:`read_adapter`; ``CONFIG_FILE`` and ``WEIGHTS_FILE`` name the two files.
@@ -92,7 +92,7 @@ from .inject import (
 from .io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, load_adapter_tensors, read_adapter, write_adapter
 from .layers import AdapterModule, AdapterRecord, Prepared
 from .modules import WHOLE, Target, fused_parts, is_conv1d, weight_and_bias
-from .plugins import LossContext, Plugin, add_plugin, loss_context, perturb, plugins_of, restore
+from .plugins import LossContext, Plugin, add_plugin, loss_context, perturb, plugin_weight_decay, plugins_of, restore
 from .report_table import Report
 from .roles import ROLES
 from .targets import name_matches, select_targets, walk
@@ -152,6 +152,7 @@ __all__ = [
     "on_step",
     "option_types",
     "perturb",
+    "plugin_weight_decay",
     "plugins_of",
     "read_adapter",
     "report",

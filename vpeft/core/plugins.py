@@ -22,6 +22,10 @@ The step, in the order the training loop calls the hooks (``vpeft/engine/train.p
         extra = method_loss(model, context=context)    # the method's loss + every Plugin.loss(context)
         backward
     restore(model)                          # Plugin.restore: GGPO takes its noise out before the optimiser step
+
+A plug-in may also set the weight decay of some of the adapter's tensors (:meth:`Plugin.weight_decay`, gathered by
+:func:`plugin_weight_decay`): the optimiser's parameter groups (:func:`vpeft.optim.param_groups`) give those tensors
+that decay instead of the run's (STAR's decoupled decay on LoRA's B, :mod:`vpeft.plugins.lora_b_decay`).
 """
 
 from __future__ import annotations
@@ -92,6 +96,11 @@ class Plugin:
     def restore(self, model: nn.Module) -> None:
         """After its last backward pass, before the optimizer step: undo :meth:`perturb` exactly."""
 
+    def weight_decay(self, model: nn.Module) -> dict[int, float]:
+        """``id`` -> weight decay of the tensors whose decay this plug-in sets (read when the optimiser is built);
+        the others keep the run's ``optim.weight_decay``."""
+        return {}
+
     def close(self) -> None:
         """The plug-in is removed: take out its hooks."""
 
@@ -158,6 +167,19 @@ def perturb(model: nn.Module) -> None:
     """Let the active adapter's plug-ins change the weights for the coming optimizer step's passes (GGPO)."""
     for plugin in plugins_of(model).values():
         plugin.perturb(model)
+
+
+def plugin_weight_decay(model: nn.Module) -> dict[int, float]:
+    """``id`` -> weight decay set by the active adapter's plug-ins (:meth:`Plugin.weight_decay`); two plug-ins that
+    set different decays for one tensor are an error."""
+    out: dict[int, float] = {}
+    for name, plugin in plugins_of(model).items():
+        for key, value in plugin.weight_decay(model).items():
+            if out.get(key, value) != value:
+                raise ValueError(f"plug-in {name!r} sets a weight decay of {value} for a tensor that another "
+                                 f"plug-in decays by {out[key]}; attach one of them.")  # fmt: skip
+            out[key] = float(value)
+    return out
 
 
 def restore(model: nn.Module) -> None:

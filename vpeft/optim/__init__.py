@@ -20,9 +20,10 @@ tensor (norms, biases, embeddings, the head, narrow matrices) takes the same Ada
 for weights trained in place: the method ``full``, optionally limited to some modules (``full``'s ``modules``).
 
 Parameter groups: no weight decay for 1-D tensors, timm's ``no_weight_decay()`` tokens and what a method keeps out of
-decay; a method's learning-rate multipliers (``AdapterModule.lr_multipliers``) give groups of their own, and so
-does the task head when ``head_lr`` sets it apart (the head a linear probe trains learns at the probe's rate while a
-spectral method's factors train at a tenth of it).
+decay; a method's learning-rate multipliers (``AdapterModule.lr_multipliers``) give groups of their own, and so do
+the task head when ``head_lr`` sets it apart (the head a linear probe trains learns at the probe's rate while a
+spectral method's factors train at a tenth of it) and the tensors whose decay a plug-in sets
+(``Plugin.weight_decay``: STAR's decay on LoRA's B).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..core import (
     head_tensors,
     lr_multipliers,
     no_weight_decay,
+    plugin_weight_decay,
     select_targets,
 )
 from ..errors import ConfigError, OptionError
@@ -171,8 +173,9 @@ def param_groups(
     group_extra: dict[str, Any] | None = None,
     head_lr: float | None = None,
 ) -> list[dict]:
-    """The trainable tensors of ``model`` in groups by (projected, decayed, learning-rate multiplier), decayed
-    first; a group with a multiplier sets its ``lr`` (``lr`` times it; needs ``lr``), the others take the optimiser's.
+    """The trainable tensors of ``model`` in groups by (projected, decayed, learning-rate multiplier, a plug-in's
+    decay), decayed first; a group with a multiplier sets its ``lr`` (``lr`` times it; needs ``lr``), the others take
+    the optimiser's. A tensor whose decay a plug-in sets (:func:`vpeft.core.plugin_weight_decay`) takes that decay.
     ``group_extra`` goes into the groups of ``projected`` tensors; ``head_lr`` is the active adapter's task-head
     copy's learning rate (its multiplier is ``head_lr / lr``)."""
     active = bool(adapter_names(model))
@@ -182,17 +185,19 @@ def param_groups(
         if lr is None:
             raise ValueError("param_groups: head_lr is given relative to the run's lr; pass lr=")
         factors.update(dict.fromkeys(head_tensors(model), head_lr / lr))
+    decays = plugin_weight_decay(model) if active else {}
     base_tokens = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    buckets: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
+    buckets: dict[tuple[bool, bool, float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         token = name.split(".")[-1] in base_tokens or name in base_tokens
         decay = not (p.ndim <= 1 or token or id(p) in keep_out)
-        buckets.setdefault((id(p) in projected, not decay, factors.get(id(p), 1.0)), []).append(p)
+        own = decays.get(id(p), -1.0)  # -1: the plug-ins leave this tensor's decay alone
+        buckets.setdefault((id(p) in projected, not decay, factors.get(id(p), 1.0), own), []).append(p)
     groups = []
-    for (is_projected, no_decay, factor), params in sorted(buckets.items(), key=lambda kv: kv[0]):
-        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+    for (is_projected, no_decay, factor, own), params in sorted(buckets.items(), key=lambda kv: kv[0]):
+        group = {"params": params, "weight_decay": own if own >= 0 else 0.0 if no_decay else weight_decay}
         if factor != 1.0:
             if lr is None:
                 raise ValueError("param_groups: the model's method sets learning-rate multipliers; pass lr=")

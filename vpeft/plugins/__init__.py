@@ -15,12 +15,13 @@ from typing import Any
 from ..core import MethodConfig, Plugin, build_config
 from ..errors import ConfigError
 from ..registry import lookup
-from . import ba_lora, density_loss, ggpo
+from . import ba_lora, density_loss, ggpo, lora_b_decay
 
 PLUGINS = {
     "ba_lora": ba_lora.BALoRA,  # BA-LoRA's consistency, diversity and SVD regularisers (arXiv 2408.04556)
     "density_loss": density_loss.DensityLoss,  # DEFT's activation-density loss (arXiv 2402.01911)
     "ggpo": ggpo.GGPO,  # LoRA-GGPO's gradient-guided weight perturbation (arXiv 2502.14538)
+    "lora_b_decay": lora_b_decay.LoRABDecay,  # STAR's decoupled weight decay on LoRA's B (arXiv 2403.01165)
 }
 
 

@@ -19,7 +19,10 @@ saved weights (tests/methods/test_plugins_ggpo.py checks both). ``G`` is gathere
 module while the step runs: the memory of one full-rank gradient of those modules.
 
 Defaults: ``sigma = 0.05``, ``alpha = beta = 1``. Departures: the paper's exact normalisation and defaults could not
-be read here (the note in ../shared/notes/methods-lm.md marks the form "[paper, partial]"): ours normalises by the
+be read here (the note in ../shared/notes/methods-lm.md marks the form "[paper, partial]"; session 9 looked again: no
+snapshot of ``llm172/LoRA-GGPO`` can be fetched, and the stored copies of arXiv 2502.14538 v1/v2 hold the abstract
+only; kohya-style trainers that call their option GGPO default to ``sigma = 0.03, beta = 0.01`` with a formula of
+their own, which is not the paper's and is not taken here): ours normalises by the
 row length, so ``sigma`` is the noise relative to a row's RMS; the gradient norms are the previous step's (the
 paper's "one gradient computation per step" allows no other), and after a resume the first step has none (they are
 not in the checkpoint); weights of a non-additive method count as ``W0``; attention modules (``nn.MultiheadAttention``)
