@@ -81,6 +81,7 @@ class AdapterModule(nn.Module):
     * ``delta_weight()`` (additive methods) or ``merged``/``unmerged`` (the others) to fold into the base weights.
 
     Method-level hooks are class methods: ``prepare`` (data-dependent choices from calibration batches),
+    ``restructure`` (the base model at a structure the config records: physical pruning),
     ``build_shared`` (tensors shared by all targets, FacT), ``loss`` (regularisers), ``on_step`` (schedules) and
     ``control`` (controllers that change the trainable set: vpeft/core/control.py).
     """
@@ -188,6 +189,14 @@ class AdapterModule(nn.Module):
         usual statistics from ``calibration``.
         """
         return config
+
+    @classmethod
+    def restructure(cls, config: MethodConfig, model: nn.Module) -> None:
+        """Bring the base model to the structure ``config`` records, before targets are selected (Light-PEFT's
+        physically pruned heads and neurons); called each time the adapter is added: applied, rebuilt at a
+        controller's new shapes (``--resume``) or loaded from a file. It must be a no-op on a model that already has
+        that structure, and refuse (a :class:`~vpeft.errors.UserError`) before changing anything on a model it cannot
+        restructure. Only a method that is not ``restorable`` may change the model here."""
 
     @classmethod
     def build_shared(cls, config: MethodConfig, targets: list[Target]) -> nn.Module | None:
