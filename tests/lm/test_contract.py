@@ -57,6 +57,8 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("bitfit", "llama"): "layers with a bias term",
     ("linear", "gpt2"): "no task head",
     ("light_peft", "gpt2"): "fused qkv projection",  # physical head pruning: BERT- and Llama-style blocks only
+    ("meft", "gpt2"): "has no such encoder",  # the reversible rewrite: BERT-style encoders only
+    ("meft", "llama"): "has no such encoder",
     ("linear", "llama"): "no task head",
 }
 
