@@ -38,10 +38,13 @@ the pre-trained weights pruned, with the estimation's LoRA weights pruned as her
 instead of ``np.quantile`` thresholds, so ties (masks that never moved) still prune the stated share and a block keeps
 at least one head and one neuron; the module importance averages over all tokens, padding included (the official
 code skips padding); the rank importance is the paper's rank-mask sensitivity, where the official code sums
-``|mean_j A*dA|`` and ``|mean_k B*dB|`` (the same quantity divided by the input and output widths: its global
-ranking favours narrow modules); the masks are kept out of weight decay. With grouped-query attention (Llama), a block
-keeps ``c = max(1, round((H - pruned) / KV))`` query heads per key/value group, its c of largest mask, so that the
-groups stay equal (the model maps query head h to key/value head h // group) and no key/value head is removed.
+``|mean_j A*dA|`` and ``|mean_k B*dB|`` (the same quantity times 1/d_in + 1/d_out, so its global ranking favours
+narrow modules), and both are read from the gradients the training loop hands ``on_step`` (after its gradient
+clipping, a common factor within a step); the masks are kept out of weight decay. On Llama the LoRA targets are the
+official ones by role (``mlp_in`` is ``up_proj``): ``gate_proj`` has no LoRA, and loses the pruned neurons' rows.
+With grouped-query attention (Llama), a block keeps ``c = max(1, round((H - pruned) / KV))`` query heads per
+key/value group, its c of largest mask, so that the groups stay equal (the model maps query head h to key/value head
+h // group) and no key/value head is removed.
 Prunes HF BERT-style encoders and Llama-style decoders; refuses models with a fused qkv (GPT-2, timm ViT).
 Not restorable: after pruning the base model is smaller, and ``disabled()`` has no original model to run.
 """
