@@ -54,10 +54,10 @@ def test_the_forward_pass_is_the_coupling_of_berts_own_blocks():
     assert not torch.allclose(logits, base(input_ids=batch["input_ids"]).logits)  # not BERT's own output
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gradients_equal_autograds_in_float64(dropout):
+@pytest.mark.parametrize(("dropout", "lower"), [(0.0, None), (0.1, None), (0.1, 2)])
+def test_gradients_equal_autograds_in_float64(dropout, lower):
     model = bert(layers=3, dropout=dropout).double()
-    vpeft.apply_method(model, "meft", dropout=dropout)
+    vpeft.apply_method(model, "meft", dropout=dropout, reversible_layers=lower)
     perturb(model)
     model.train()
     batch = batches(1, seed=3)[0]
@@ -101,4 +101,7 @@ def test_kept_activations_do_not_grow_with_depth_while_loras_do():
             counts[method, depth] = saved_bytes(model, batch)
     # MEFT keeps the stack's outputs, whatever the depth; its frozen weights are not saved tensors of the graph
     assert counts["meft", 2] == counts["meft", 6]
+    model = bert(layers=6)
+    vpeft.apply_method(model, "meft", reversible_layers=4)  # the upper two layers keep theirs
+    assert counts["meft", 6] < saved_bytes(model, batch) < counts["lora", 6]
     assert counts["lora", 6] > 2 * counts["lora", 2] and counts["lora", 6] > 3 * counts["meft", 6]

@@ -27,9 +27,17 @@ Departures: the adapters' up-projection starts at zero (the official code draws 
 F and G are exactly BERT's blocks at the start; the coupling is built from the model's own modules (no copy of BERT's
 code), as one autograd function over the whole stack whose backward recomputes layer by layer. BERT-style encoders
 only (the official code is BERT only): an HF ``BertEncoder``-like module (``layer[i].attention.self``,
-``.attention.output``, ``.intermediate``, ``.output``) without cross-attention; other models are refused. Dividing by
-lambda and beta amplifies the rounding of each recomputation by 1 / lambda per layer, so gradients in float32 drift
-from autograd's with depth (float64 matches; the paper trains its 24-layer models this way in float32/16).
+``.attention.output``, ``.intermediate``, ``.output``) without cross-attention; other models are refused.
+
+Numerics (measured, ``python V-PEFT-Bench/perf/meft_memory.py --depths 2 4 8 12 24 --minilm-drift 0.1,0.1 0.1,1
+1,0.1 0.5,0.5 1,1``, results in V-PEFT-Bench/perf/results/cpu-tiny-bert-meft-memory.md): each recomputation divides
+a difference by lambda and beta, so a rounding error grows by about (Lip F)(Lip G) / (lambda beta) per layer going
+down. In float64 the gradients equal autograd's (tests); in float32 at lambda = beta = 0.1 they do not: the relative
+error of the adapters' gradients is 1e-5 with 2 layers of a random BERT, 0.1 with 4, above 1 with 8 and NaN with 24,
+and 2.1 on the pre-trained 6-layer all-MiniLM-L6-v2 (7.6e-2 at lambda = 0.1, beta = 1; 2.0e-2 at 1, 0.1; 1.1e-4 at
+0.5, 0.5; 3.2e-6 at 1, 1). Train with the defaults in float64, or in float32 with lambda and beta near 1 or with
+only the lower layers reversible (``reversible_layers``, the official ``num_rev_layers``; the upper layers then keep
+their activations as autograd does).
 """
 
 from __future__ import annotations
@@ -42,7 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterModule, DropProbability, MethodConfig, PositiveFloat, PositiveInt, Target, walk
+from ..core import (
+    AdapterModule,
+    DropProbability,
+    MethodConfig,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Target,
+    walk,
+)
 from ..errors import ConfigError
 from ._reversible import plain, reversible
 
@@ -55,6 +72,8 @@ class MEFTConfig(MethodConfig):
     beta: PositiveFloat = 0.1  # the factor of x2
     dropout: DropProbability = 0.1  # inside the adapters
     reversible: bool = True  # False: the same coupling through autograd (every activation kept)
+    reversible_layers: NonNegativeInt | None = None  # the lower layers that run reversibly (None: all; official
+    # num_rev_layers): the upper ones keep their activations, fewer divisions by lambda and beta in the backward pass
 
 
 class Adapter(nn.Module):
@@ -115,6 +134,7 @@ class MEFT(AdapterModule):
         self.attn_adapters = nn.ModuleList(Adapter(width, config.bottleneck, config.dropout) for _ in layers)
         self.ffn_adapters = nn.ModuleList(Adapter(width, config.bottleneck, config.dropout) for _ in layers)
         self.lam, self.beta, self.reversible = config.lam, config.beta, config.reversible
+        self.reversible_layers = len(encoder.layer) if config.reversible_layers is None else config.reversible_layers
 
     @classmethod
     def restructure(cls, config: MEFTConfig, model: nn.Module) -> None:
@@ -150,8 +170,12 @@ class MEFT(AdapterModule):
              **kwargs: Any) -> Any:  # fmt: skip
         if encoder_hidden_states is not None or kwargs.get("cache") is not None or kwargs.get("use_cache"):
             raise ValueError("meft runs BERT as an encoder: no cross-attention and no key/value cache.")
-        run = reversible if self.reversible and torch.is_grad_enabled() else plain
-        y1, y2 = run(x, x, self.pairs(attention_mask), self.lam, self.beta)
+        pairs, lower = self.pairs(attention_mask), self.reversible_layers
+        if self.reversible and torch.is_grad_enabled() and lower > 0:
+            y1, y2 = reversible(x, x, pairs[:lower], self.lam, self.beta)
+            y1, y2 = plain(y1, y2, pairs[lower:], self.lam, self.beta)
+        else:
+            y1, y2 = plain(x, x, pairs, self.lam, self.beta)
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=(y1 + y2) / 2)
