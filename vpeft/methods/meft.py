@@ -162,14 +162,18 @@ class MEFT(AdapterModule):
                 block = layer.output
                 return block.LayerNorm(x + block.dropout(block.dense(layer.intermediate(x))) + ad(x))
 
-            half_f, half_g = Half(f, [layer.attention, ad_a]), Half(g, [layer.intermediate, layer.output, ad_f])
-            out.append((half_f.train(self.training), half_g.train(self.training)))
+            # the modules keep their own train/eval mode (the model's): a Half only groups them
+            out.append((Half(f, [layer.attention, ad_a]), Half(g, [layer.intermediate, layer.output, ad_f])))
         return out
 
     def call(self, x: Tensor, attention_mask: Tensor | None = None, encoder_hidden_states: Any = None, *args: Any,
              **kwargs: Any) -> Any:  # fmt: skip
         if encoder_hidden_states is not None or kwargs.get("cache") is not None or kwargs.get("use_cache"):
-            raise ValueError("meft runs BERT as an encoder: no cross-attention and no key/value cache.")
+            raise ConfigError(
+                "meft runs its BERT encoder as an encoder: the model was called with encoder_hidden_states or a "
+                "key/value cache (a decoder's call), which the reversible couplings do not take. Call the model "
+                "without them, or use lora for a BERT used as a decoder."
+            )
         pairs, lower = self.pairs(attention_mask), self.reversible_layers
         if self.reversible and torch.is_grad_enabled() and lower > 0:
             y1, y2 = reversible(x, x, pairs[:lower], self.lam, self.beta)
