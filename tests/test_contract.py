@@ -13,13 +13,14 @@ import torch
 import vpeft
 from vpeft.core import adapter_names
 from vpeft.errors import ConfigError
-from vpeft.methods import METHODS, TEXT_TOWER_METHODS, VIRTUAL_TOKEN_METHODS
+from vpeft.methods import ARCHITECTURE_METHODS, METHODS, TEXT_TOWER_METHODS, VIRTUAL_TOKEN_METHODS
 
 from .conftest import perturb, tiny_vit
 
-# CLIP text-tower methods have their contract on a tiny CLIP (tests/clip/); virtual-token methods on the tiny language
-# models (tests/lm/test_contract.py), and refuse a ViT (below)
-ALL = sorted(set(METHODS) - set(TEXT_TOWER_METHODS) - set(VIRTUAL_TOKEN_METHODS))
+# CLIP text-tower methods have their contract on a tiny CLIP (tests/clip/); virtual-token methods and the methods that
+# prune or rewrite named language-model blocks on the tiny language models (tests/lm/test_contract.py), and refuse a
+# ViT (below)
+ALL = sorted(set(METHODS) - set(TEXT_TOWER_METHODS) - set(VIRTUAL_TOKEN_METHODS) - set(ARCHITECTURE_METHODS))
 # `frozen` (the zero- and few-shot reference point) trains nothing by design: the tests that train, perturb or
 # differentiate its tensors have none to work on, and test_frozen_trains_nothing_and_changes_nothing checks it instead.
 TRAINED = [m for m in ALL if m != "frozen"]
@@ -61,6 +62,19 @@ def test_virtual_token_methods_refuse_a_vit_and_name_vpt(method):
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="holds no module with get_input_embeddings.*use vpt_shallow or vpt_deep"):
+        vpeft.apply_method(model, method)
+    assert adapter_names(model) == [] and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+ARCHITECTURE_REASONS = {"light_peft": "fused qkv projection", "meft": "has no such encoder"}
+
+
+@pytest.mark.parametrize("method", ARCHITECTURE_METHODS)
+def test_block_rewriting_methods_refuse_a_vit_and_say_why(method):
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=ARCHITECTURE_REASONS[method]):
         vpeft.apply_method(model, method)
     assert adapter_names(model) == [] and model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

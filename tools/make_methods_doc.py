@@ -21,12 +21,16 @@ import torch
 
 import vpeft
 from vpeft.engine import cli
-from vpeft.methods import METHODS, TEXT_TOWER_METHODS, VIRTUAL_TOKEN_METHODS
+from vpeft.methods import ARCHITECTURE_METHODS, METHODS, TEXT_TOWER_METHODS, VIRTUAL_TOKEN_METHODS
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 TEXT_TOWER_COUNTS = {"coop": "8,192 (CLIP text tower)"}  # on CLIP ViT-B/16's 512-wide text tower
 # a ViT refuses them; all-MiniLM-L6-v2 at the defaults (p = 20), HF PEFT's counts (tests/lm/test_virtual_tokens.py)
 VIRTUAL_TOKEN_COUNTS = {"prompt_tuning": "7,680 (MiniLM-L6)", "prefix_tuning": "92,160 (MiniLM-L6)"}
+# a ViT refuses them; a random-weight BERT-base (transformers.BertConfig()) at the defaults: light_peft before pruning
+# (LoRA r = 8 on six projections per block plus 12 head and 3,072 neuron masks per block), meft's two bottleneck-8
+# adapters per block
+ARCHITECTURE_COUNTS = {"light_peft": "1,364,112 (BERT-base, before pruning)", "meft": "313,536 (BERT-base)"}
 
 
 def render() -> str:
@@ -50,6 +54,8 @@ def render() -> str:
             count = TEXT_TOWER_COUNTS[name]
         elif name in VIRTUAL_TOKEN_METHODS:
             count = VIRTUAL_TOKEN_COUNTS[name]
+        elif name in ARCHITECTURE_METHODS:
+            count = ARCHITECTURE_COUNTS[name]
         else:
             count = f"{vpeft.apply_method(copy.deepcopy(vit), name).trainable:,}"
         lines.append(f"| `{name}` | {count} | {'yes' if cls.mergeable else 'no'} | "

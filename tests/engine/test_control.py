@@ -121,8 +121,11 @@ def test_callbacks_see_the_step_batch_loss_and_validation_data(tmp_path, llama_d
         # the gates learn on steps 0-3 (across the resume) and the modules are pruned at step 4
         ["method.name=diffora", "method.r=4", "method.search=0.6", "method.gate_lr=1.0"],
         ["method.name=ist", "method.r=4", "method.fraction=0.5", "method.update_every=2"],
+        # importance recorded at step 1; heads, neurons, modules and ranks pruned at step 2 (before the checkpoint):
+        # the resumed run prunes a fresh base model to the saved structure before loading its tensors
+        ["method.name=light_peft", "method.r=4", "method.estimate=0.3", "method.head_ratio=0.5"],
     ],
-    ids=["triadapt_lora", "diffora", "ist"],
+    ids=["triadapt_lora", "diffora", "ist", "light_peft"],
 )
 def test_a_controlled_run_killed_and_resumed_equals_the_whole_run(method, tmp_path, llama_dir, lemma_data, one_thread):
     cfg = causal_config(tmp_path, llama_dir, lemma_data, *method, "data.val_split=null")
@@ -151,6 +154,18 @@ def test_a_controlled_run_killed_and_resumed_equals_the_whole_run(method, tmp_pa
             r * (32 + out) + r * r for r, out in zip(ranks, [32, 16] * 2, strict=True)
         )
         assert changes[-1]["trainable"] == whole["final_trainable_params"]
+    if "light_peft" in method[0]:
+        assert [r["step"] for r in changes] == [2] and saved["options"]["pruned"]
+        options = saved["options"]
+        q = [8 * len(h.split(",")) for h in options["heads"]]  # rows of q, columns of o: 8 per kept query head
+        n = [bin(int(m, 16)).count("1") for m in options["neurons"]]  # kept FFN neurons
+        widths = [32 + w for w in q] + [32 + 16] * 4 + [w + 32 for w in q] + [32 + w for w in n] * 2  # in + out
+        assert q == [16, 16]  # half of the 4 heads pruned: one kept in each of the 2 key/value groups
+        assert (
+            changes[0]["trainable"]
+            == whole["final_trainable_params"]
+            == sum(r * w for r, w in zip(options["ranks"], widths, strict=True))
+        )
     if "diffora" in method[0]:
         assert [r["step"] for r in changes] == [4] and saved["options"]["discretised"]
         assert sorted(set(saved["options"]["ranks"])) == [0, 4]

@@ -56,6 +56,9 @@ REFUSALS: dict[tuple[str, str], str] = {
     **{(method, "bert"): why for method, why in _ON_BERT.items()},
     ("bitfit", "llama"): "layers with a bias term",
     ("linear", "gpt2"): "no task head",
+    ("light_peft", "gpt2"): "fused qkv projection",  # physical head pruning: BERT- and Llama-style blocks only
+    ("meft", "gpt2"): "has no such encoder",  # the reversible rewrite: BERT-style encoders only
+    ("meft", "llama"): "has no such encoder",
     ("linear", "llama"): "no task head",
 }
 

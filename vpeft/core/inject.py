@@ -156,6 +156,7 @@ def add_adapter(
 
     if method_cls.virtual:
         require_call_site(model, method)  # before target selection: the reason is the model, not a name
+    method_cls.restructure(config, model)  # the base at the config's structure (pruned heads) before its targets
     targets = select_targets(model, config, method_cls, method)
     if not prepared:  # a loaded adapter's config already holds what prepare() decided
         if method_cls.needs_calibration and calibration is None:
@@ -414,7 +415,7 @@ def _check_restorable(state: PeftState, action: str) -> None:
     record = state.adapters[state.switch.active]
     if not record.method_cls.restorable:
         raise ValueError(
-            f"cannot {action}: method {record.method!r} trains the base weights in place, so there is "
+            f"cannot {action}: method {record.method!r} trains or prunes the base weights in place, so there is "
             "no original model to return to."
         )
 

@@ -34,6 +34,11 @@ adapter operations mean for it:
   full-precision model; ``save_adapter`` saves the trainable quantisation state only (the packed codes are rebuilt
   from the full-precision weights at load, deterministically).
 
+A **replaced call** (MEFT's reversible encoder). A module with ``replaces_call`` computes a whole wrapped module's
+call itself, ``call(x, *args, **kwargs)`` with the call's own arguments, running the base module's sub-modules in an
+order or a form of its own (couplings whose backward pass recomputes activations); the base weights are not touched,
+so ``disabled()`` runs the base module as it was.
+
 A shared :class:`Switch` says which adapter is active and whether all are disabled, so switching costs nothing.
 """
 
@@ -81,6 +86,7 @@ class AdapterModule(nn.Module):
     * ``delta_weight()`` (additive methods) or ``merged``/``unmerged`` (the others) to fold into the base weights.
 
     Method-level hooks are class methods: ``prepare`` (data-dependent choices from calibration batches),
+    ``restructure`` (the base model at a structure the config records: physical pruning),
     ``build_shared`` (tensors shared by all targets, FacT), ``loss`` (regularisers), ``on_step`` (schedules) and
     ``control`` (controllers that change the trainable set: vpeft/core/control.py).
     """
@@ -108,6 +114,8 @@ class AdapterModule(nn.Module):
     # is what merge writes; with ``releases_base`` the layer's own weight is freed and the module holds the only copy.
     replaces_base: ClassVar[bool] = False
     releases_base: ClassVar[bool] = False
+    # A replaced call (see the module docstring): ``call(x, *args, **kwargs)`` is the wrapped module's whole output.
+    replaces_call: ClassVar[bool] = False
 
     def __init__(self, target: Target, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()
@@ -153,6 +161,10 @@ class AdapterModule(nn.Module):
         ``initial``, from the quantisation state as first built (what ``disabled()`` runs for a released base)."""
         raise NotImplementedError(f"{type(self).__name__} does not replace its base layer")
 
+    def call(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's output for a call with input ``x`` and its other arguments (``replaces_call``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not replace its module's call")
+
     def effective_weight(self, initial: bool = False) -> Tensor:
         """``(out, in)``: the weight :meth:`base_forward` computes with, dequantised (what merge writes)."""
         raise NotImplementedError(f"{type(self).__name__} does not replace its base layer")
@@ -188,6 +200,14 @@ class AdapterModule(nn.Module):
         usual statistics from ``calibration``.
         """
         return config
+
+    @classmethod
+    def restructure(cls, config: MethodConfig, model: nn.Module) -> None:
+        """Bring the base model to the structure ``config`` records, before targets are selected (Light-PEFT's
+        physically pruned heads and neurons); called each time the adapter is added: applied, rebuilt at a
+        controller's new shapes (``--resume``) or loaded from a file. It must be a no-op on a model that already has
+        that structure, and refuse (a :class:`~vpeft.errors.UserError`) before changing anything on a model it cannot
+        restructure. Only a method that is not ``restorable`` may change the model here."""
 
     @classmethod
     def build_shared(cls, config: MethodConfig, targets: list[Target]) -> nn.Module | None:
@@ -269,6 +289,8 @@ class Adapted(nn.Module):
         x_in = whole.adapt_input(x) if whole is not None else x
         if whole is not None and whole.replaces_base:
             out = whole.base_forward(x_in)
+        elif whole is not None and whole.replaces_call:
+            out = whole.call(x_in, *args, **kwargs)
         elif key is None:
             out = self.base_layer(x_in, *args, **kwargs)
         else:

@@ -27,9 +27,11 @@ from . import (
     ist,
     kasa,
     l4q,
+    light_peft,
     ln_tune,
     lora,
     lora_ga,
+    meft,
     mola,
     neuroada,
     peqa,
@@ -108,12 +110,16 @@ METHODS |= {  # the dict itself lives in _registry, where a method may look othe
     "ist": ist.IST,
     "triadapt_lora": triadapt_lora.TriAdaptLoRA,
     "diffora": diffora.DiffoRA,
+    "light_peft": light_peft.LightPEFT,
+    "meft": meft.MEFT,
 }
 
 # methods with nothing to adapt on an image encoder alone: they need a CLIP text tower (tasks/clip.py)
 TEXT_TOWER_METHODS = ("coop",)
 # methods that rewrite a language model's call (token embeddings, masks, cache: vpeft/core/virtual.py); a ViT refuses
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
+# methods that prune or rewrite the blocks of named Hugging Face language-model families (BERT, Llama); a ViT refuses
+ARCHITECTURE_METHODS = ("light_peft", "meft")
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "reference points": ("full", "linear", "frozen"),
@@ -140,5 +146,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "spectral and data-driven initialisations": ("pissa", "corda", "lora_ga", "kasa", "sorsa", "svfit", "soka"),
     "virtual tokens in a language model's call": VIRTUAL_TOKEN_METHODS,
     "quantised bases": ("peqa", "l4q", "sketchtune", "halo"),
-    "controllers that change the trainable set while training": ("ist", "triadapt_lora", "diffora"),
+    "controllers that change the trainable set while training": ("ist", "triadapt_lora", "diffora", "light_peft"),
+    "reversible language models (activation memory)": ("meft",),
 }

@@ -1,5 +1,6 @@
 """The reversible coupling MEFT builds on (Liao, Tan and Monz, "Make Pre-trained Model Reversible: From Parameter to
-Memory Efficient Fine-Tuning", NeurIPS 2023, arXiv:2306.00477), as a building block: not yet a registered method.
+Memory Efficient Fine-Tuning", NeurIPS 2023, arXiv:2306.00477), as a building block; the registered method ``meft``
+(vpeft/methods/meft.py) rewrites a BERT encoder's layers into it.
 
 A stack of L couplings, each with two sub-layers F_i and G_i (in MEFT: a pre-trained attention or MLP block with an
 adapter or LoRA inside):
@@ -14,8 +15,9 @@ model's input duplicated, ``[x1, x2] = [h, h]``, and the output ``(x1 + x2) / 2`
 amplifies the rounding of each recomputation (by 1 / lambda per layer), which is why the paper keeps the sub-layers
 close to the pre-trained ones and why float32 training may need lambda, beta nearer 1.
 
-Not done (left for a method ``meft``): rewriting a Hugging Face or timm model's blocks into this form (the paper's
-MEFT1-3 assignments of attention and MLP to F and G), which is per architecture.
+Rewriting a model's blocks into this form is per architecture: ``meft`` does it for BERT-style encoders with the
+paper's MEFT3 assignment (attention block F, feed-forward block G); MEFT1 and MEFT2 (a whole layer and an adapter as
+F and G) and decoders are not done.
 """
 
 from __future__ import annotations
