@@ -11,9 +11,10 @@ the full-precision model (SmolLM2 as vpeft loads it, dequantised once from its G
 ``sketchtune``: 4-bit codes, packed, the full-precision weights of the targets freed; ``l4q`` (r = 8, 4 bits) and
 ``halo`` (r = 8, INT8 emulated) keep them.
 
-Each variant runs in a fresh child process. Three numbers: the bytes of the frozen target weights as the model
+Each variant runs in a fresh child process. Four numbers: the bytes of the frozen target weights as the model
 holds them (fp32 weights, or packed codes plus zero points; exact, machine-independent), the bytes of every tensor
-the model holds (parameters and buffers), and the peak memory of the three training steps alone: on CUDA
+the model holds (parameters and buffers), the memory held just before the steps (``memory_allocated``, or the
+resident set size: the model and the process's libraries), and the peak memory of the three training steps: on CUDA
 ``max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the peak resident set size (``VmHWM``,
 reset through ``/proc/self/clear_refs`` once the model is built, so loading the full-precision checkpoint is not in
 it) with glibc's mmap threshold fixed at 128 KiB, so that every tensor of that size or more goes back to the system
@@ -75,6 +76,7 @@ def child(method: str, batch: int, length: int) -> None:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         except OSError:  # a kernel or container that refuses: the peak then includes building the model
             print("quant_memory: /proc/self/clear_refs refused; the peak includes loading", file=sys.stderr)
+    resident = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mb("VmRSS")
     tic = time.perf_counter()
     for _ in range(3):
         optimizer.zero_grad(set_to_none=True)
@@ -83,8 +85,8 @@ def child(method: str, batch: int, length: int) -> None:
     seconds = time.perf_counter() - tic
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mb("VmHWM")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(json.dumps({"frozen_mb": frozen / 2**20, "held_mb": held / 2**20, "peak_mb": peak, "seconds": seconds,
-                      "trainable": trainable}))  # fmt: skip
+    print(json.dumps({"frozen_mb": frozen / 2**20, "held_mb": held / 2**20, "resident_mb": resident, "peak_mb": peak,
+                      "seconds": seconds, "trainable": trainable}))  # fmt: skip
 
 
 def measure(method: str, batch: int, length: int) -> dict:
@@ -118,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             else "peak RSS of the steps in a child (reset after building the model; fixed mmap threshold)."
         ),
         "",
-        "| method | trainable | frozen target weights MB | model tensors MB | peak MB | x lora | seconds (3 steps) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable | frozen target weights MB | model tensors MB | before the steps MB | peak MB | x lora | "
+        "peak - before MB | seconds (3 steps) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows: dict[str, dict] = {}
 
@@ -127,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = r = measure(name, args.batch, args.length)
         ref = rows.get("lora", {"peak_mb": float("nan")})["peak_mb"]
         return (
-            f"| {name} | {r['trainable']:,} | {r['frozen_mb']:.1f} | {r['held_mb']:.1f} | {r['peak_mb']:.0f} | "
-            f"{r['peak_mb'] / ref:.3f} | {r['seconds']:.1f} |"
+            f"| {name} | {r['trainable']:,} | {r['frozen_mb']:.1f} | {r['held_mb']:.1f} | {r['resident_mb']:.0f} | "
+            f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref:.3f} | {r['peak_mb'] - r['resident_mb']:.0f} | {r['seconds']:.1f} |"
         )
 
     stream_table(lines, names, row, args.out)
