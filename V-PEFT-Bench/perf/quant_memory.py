@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         ref = rows.get("lora", {"peak_mb": float("nan")})["peak_mb"]
         return (
             f"| {name} | {r['trainable']:,} | {r['frozen_mb']:.1f} | {r['held_mb']:.1f} | {r['resident_mb']:.0f} | "
-            f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref:.3f} | {r['peak_mb'] - r['resident_mb']:.0f} | {r['seconds']:.1f} |"
+            f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref:.3f} | {r['peak_mb'] - r['resident_mb']:.0f} | "
+            f"{r['seconds']:.1f} |"
         )
 
     stream_table(lines, names, row, args.out)
