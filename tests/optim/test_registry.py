@@ -155,7 +155,7 @@ def test_a_methods_learning_rate_multipliers_get_their_own_groups_and_keep_them_
     assert fast == pytest.approx(4 * opt.param_groups[0]["lr"]) and fast < 0.04  # the schedule moved both alike
 
 
-def test_the_task_head_trains_at_head_lr_and_the_adapter_at_lr(tmp_path):
+def test_the_task_head_trains_at_head_lr_and_the_adapter_at_lr(tmp_path, caplog):
     """Adam's first step moves each element by its lr (|g| >> eps): the head copy by head_lr, LoRA's B by lr."""
     model = tiny_vit()
     vpeft.apply_method(model, "lora", targets=("q", "v"), head=("head",))
@@ -170,6 +170,11 @@ def test_the_task_head_trains_at_head_lr_and_the_adapter_at_lr(tmp_path):
     assert moved_head.max().item() == pytest.approx(1e-2, rel=1e-3)
     assert moved_b.max().item() == pytest.approx(1e-3, rel=1e-3)
     assert load_config(write(tmp_path, MINIMAL + "optim: {lr: 0.001, head_lr: 0.01}\n")).optim.head_lr == 0.01
+    headless = tiny_vit()
+    vpeft.apply_method(headless, "lora", targets=("q", "v"), head=())
+    with caplog.at_level("WARNING", logger="vpeft"):
+        vpeft.build_optimizer(headless, lr=1e-3, head_lr=1e-2)
+    assert "optim.head_lr=0.01 is not used" in caplog.text  # said, not silently ignored
     with pytest.raises(ConfigError, match="optim.head_lr"):
         load_config(write(tmp_path, MINIMAL + "optim: {head_lr: 0}\n"))
 

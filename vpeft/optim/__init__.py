@@ -184,7 +184,10 @@ def param_groups(
     if head_lr is not None and active:
         if lr is None:
             raise ValueError("param_groups: head_lr is given relative to the run's lr; pass lr=")
-        factors.update(dict.fromkeys(head_tensors(model), head_lr / lr))
+        head = head_tensors(model)
+        if not head:  # a causal LM's run: its output layer is the model's own, not a task head
+            log.warning("vpeft: optim.head_lr=%g is not used: the model has no task head of this adapter", head_lr)
+        factors.update(dict.fromkeys(head, head_lr / lr))
     decays = plugin_weight_decay(model) if active else {}
     base_tokens = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     buckets: dict[tuple[bool, bool, float, float], list[nn.Parameter]] = {}
