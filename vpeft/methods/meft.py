@@ -60,6 +60,7 @@ from ..core import (
     Target,
     walk,
 )
+from ..deps import require
 from ..errors import ConfigError
 from ._reversible import plain, reversible
 
@@ -180,9 +181,8 @@ class MEFT(AdapterModule):
             y1, y2 = plain(y1, y2, pairs[lower:], self.lam, self.beta)
         else:
             y1, y2 = plain(x, x, pairs, self.lam, self.beta)
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=(y1 + y2) / 2)
+        outputs = require("transformers.modeling_outputs", "hf", "meft's BERT encoder")  # the model's own package
+        return outputs.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=(y1 + y2) / 2)
 
 
 def bert_encoders(model: nn.Module) -> list[str]:
