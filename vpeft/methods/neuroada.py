@@ -17,7 +17,9 @@ custom autograd function keeps only the input ``x`` (as LoRA does) and builds th
 needs it: the forward adds ``x D^T``, the backward computes ``dL/dx = g D`` and ``dL/dtheta = (g^T x)`` gathered at
 ``idx``. ``D`` and ``g^T x`` live only inside one layer's forward or backward (at most ``d_out x d_in``, 3.5 MB for
 SmolLM2's largest matrix), so nothing dense per target outlives its call, and the frozen ``W0`` gets no gradient. The
-cost is three dense matmuls per target, those of fully training that matrix; a gather per selected column (``k``
+cost is three matmuls of the base layer's size per target (the delta's forward and input gradient, and ``g^T x``),
+where full fine-tuning adds one to the frozen layer's two: a ViT-B/16 step with NeuroAda on all six roles takes 1.9x
+LoRA's (``V-PEFT-Bench/perf/profile_step.py``: the added time is ``aten::mm``). A gather per selected column (``k``
 strided gathers of ``tokens x d_out``) does fewer multiplications but ran 5-25x slower on one CPU core at ``k = 20``
 (forward and backward of 1,024 tokens: 576 -> 576, 155 vs 14 ms; 576 -> 1536, 500 vs 37 ms; ViT-Tiny's 192 -> 192 on
 6,304 tokens, 314 vs 12 ms).
