@@ -76,6 +76,23 @@ def test_files_round_trip_and_are_at_least_8x_smaller(tmp_path):
     assert dense / stored_bytes(tmp_path / "c") >= 8
 
 
+def test_exact_tensors_are_stored_as_they_are_and_the_rest_coded_without_them(tmp_path):
+    tuned, init = states(3)
+    tuned["head.weight"], init["head.weight"] = torch.randn(5, 6), torch.randn(5, 6)
+    comp = compress(tuned, init, 0.2, alpha=1.5, exact=["head"])
+    assert comp.keys == ["a.lora_A", "a.lora_B"] and list(comp.exact) == ["head.weight"]
+    bare_tuned, bare_init = states(3)
+    plain = compress(bare_tuned, bare_init, 0.2, alpha=1.5)
+    assert np.array_equal(comp.mask, plain.mask) and comp.scales == plain.scales  # the head changes no code or scale
+    save_compressed(comp, tmp_path / "c")
+    out = decompress(load_compressed(tmp_path / "c"), init)
+    assert torch.equal(out["head.weight"], tuned["head.weight"])
+    for key in comp.keys:
+        assert torch.equal(out[key], decompress(plain, bare_init)[key])
+    with pytest.raises(DataError, match="no update.*outside \\['a'\\]"):
+        compress({**init, "a.lora_A": tuned["a.lora_A"]}, init, 0.2, exact=["a"])
+
+
 def test_mistakes_are_one_clear_error(tmp_path):
     tuned, init = states()
     with pytest.raises(ConfigError, match="density"):

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--density", type=float, default=0.1, help="share of the update's entries kept (top-k)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0], help="scales tried, in units of sigma(tau)")
     parser.add_argument("--scope", choices=("global", "tensor"), default="global")
+    parser.add_argument(
+        "--exact", nargs="*", default=[], metavar="NAME",
+        help="adapter tensors stored as they are, not ternary (e.g. head: a task head trained from scratch)",
+    )  # fmt: skip
     parser.add_argument("--select-split", default="val", help="split that picks alpha")
     parser.add_argument("--test-split", default="test")
     parser.add_argument(
@@ -79,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     init = initial_adapter(args.run_dir)
     scores = {}
     for alpha in args.alphas:
-        comp = compress(trained, init, args.density, alpha, args.scope)
+        comp = compress(trained, init, args.density, alpha, args.scope, args.exact)
         write_run(args.run_dir, args.out / f"alpha={alpha:g}", decompress(comp, init))
         if len(args.alphas) > 1:  # one alpha: nothing to select
             scores[alpha] = evaluate_run(args.out / f"alpha={alpha:g}", args.select_split)
             print(json.dumps({"alpha": alpha, args.select_split: _short(scores[alpha])}), flush=True)
     best = max(args.alphas, key=lambda a: _main_metric(scores[a])) if scores else args.alphas[0]
-    comp = compress(trained, init, args.density, best, args.scope)
+    comp = compress(trained, init, args.density, best, args.scope, args.exact)
     comp.meta = {"run_dir": str(args.run_dir), "method": meta["method"], "num_parameters": meta.get("num_parameters")}
     save_compressed(comp, args.out / "compeft")
     restored = decompress(load_compressed(args.out / "compeft"), init)  # from the files, as a receiver would
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python tools/compeft.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "density": args.density,
         "scope": args.scope,
+        "exact": args.exact,
         "alpha": best,
         "select": {f"{a:g}": _short(s) for a, s in scores.items()},
         "bytes_original": stored_bytes(args.run_dir / "adapter"),

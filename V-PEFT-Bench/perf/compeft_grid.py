@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--split", default="val")
     parser.add_argument("--grid", nargs="+", default=["global:0.1:1,2,3", "tensor:0.3:1,2,3", "tensor:0.5:1,1.5,2"])
+    parser.add_argument("--exact", nargs="*", default=[], metavar="NAME", help="tensors stored as they are (head)")
     args = parser.parse_args(argv)
     grid = [parse(e) for e in args.grid]
     init = initial_adapter(args.run_dir)
@@ -57,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     for scope, density, alphas in grid:
         for alpha in alphas:
             start = time.perf_counter()
-            metrics = score(decompress(compress(trained, init, density, alpha, scope), init))
-            print(json.dumps({"scope": scope, "density": density, "alpha": alpha, args.split: metrics,
-                              "seconds": round(time.perf_counter() - start)}), flush=True)  # fmt: skip
+            metrics = score(decompress(compress(trained, init, density, alpha, scope, args.exact), init))
+            record = {"scope": scope, "density": density, "alpha": alpha, "exact": args.exact, args.split: metrics}
+            print(json.dumps({**record, "seconds": round(time.perf_counter() - start)}), flush=True)
     return 0
 
 
