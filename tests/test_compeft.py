@@ -89,6 +89,8 @@ def test_exact_tensors_are_stored_as_they_are_and_the_rest_coded_without_them(tm
     assert torch.equal(out["head.weight"], tuned["head.weight"])
     for key in comp.keys:
         assert torch.equal(out[key], decompress(plain, bare_init)[key])
+    with pytest.raises(ConfigError, match=r"exact: \['heads'\] name no tensor"):
+        compress(tuned, init, 0.2, exact=["heads"])
     with pytest.raises(DataError, match="no update.*outside \\['a'\\]"):
         compress({**init, "a.lora_A": tuned["a.lora_A"]}, init, 0.2, exact=["a"])
 

@@ -133,6 +133,12 @@ def compress(
             f"the fine-tuned and initial adapters hold different tensors (e.g. {odd}); they must come from "
             "the same method and model."
         )
+    unmatched = [name for name in exact if not any(named_by(k, [name]) for k in finetuned)]
+    if unmatched:
+        raise ConfigError(
+            f"exact: {unmatched} name no tensor of the adapter, whose tensors are e.g. {sorted(finetuned)[:3]}; name "
+            "a tensor or the module holding it (head)."
+        )
     changed = sorted(k for k in finetuned if not torch.equal(finetuned[k].cpu(), init[k].cpu()))
     stored = {k: finetuned[k].detach().cpu().clone() for k in changed if named_by(k, exact)}
     keys = [k for k in changed if k not in stored]
