@@ -57,6 +57,7 @@ from vpeft.engine import cli
 from vpeft.errors import ConfigError
 from vpeft.files import atomic_write
 from vpeft.methods import METHODS
+from vpeft.registry import lookup
 
 HF_LORA = "hf_peft_lora"
 FLOOR = "frozen_backprop"
@@ -146,7 +147,7 @@ def build(variant: str, base: torch.nn.Module, grad_ckpt: bool, own: bool = Fals
         inner = model
     else:
         method, options = method_and_options(variant)
-        cal = calibration() if METHODS[method].needs_calibration else None
+        cal = calibration() if lookup(METHODS, method, "method (--methods)").needs_calibration else None
         vpeft.apply_method(model, method, calibration=cal, **options)
         inner = model
     set_grad_checkpointing(inner, grad_ckpt)
