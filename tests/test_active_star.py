@@ -232,3 +232,26 @@ def test_cli_refusals(tiny_text, tmp_path, capsys):
     (out / "results.jsonl").write_text("")
     assert tool(tiny_text, "--out", out, "--initial", 2, "--k", 1, "--rounds", 1) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_calls_of_disjoint_seeds_merge_into_one_result_set(tiny_text, tmp_path, capsys):
+    from vpeft.active import run_active
+
+    parts = [tmp_path / f"s{seed}" for seed in (0, 1)]
+    rows = []
+    for seed, part in enumerate(parts):  # one call per seed, as one per core or machine
+        rows += run_active(tiny_text, [], part, ["random"], [seed], Budget(3, 4, 2), report=lambda _: 0)
+    assert tool("--merge", *parts, "--out", tmp_path / "all") == 0
+    merged = [json.loads(x) for x in (tmp_path / "all" / "results.jsonl").read_text().splitlines()]
+    assert merged == rows
+    request = json.loads((tmp_path / "all" / "request.json").read_text())
+    assert request == {**json.loads((parts[0] / "request.json").read_text()), "seeds": [0, 1]}
+    assert (tmp_path / "all" / "curve.png").stat().st_size > 1000
+    assert tool("--merge", parts[0], parts[0], "--out", tmp_path / "twice") == 2
+    assert "some seeds twice" in capsys.readouterr().err
+    run_active(tiny_text, [], tmp_path / "other", ["random"], [2], Budget(3, 3, 2), report=lambda _: 0)
+    assert tool("--merge", parts[0], tmp_path / "other", "--out", tmp_path / "mixed") == 2
+    assert "differ in ['budget']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error: exit status 2, the line printed
+        tool(tiny_text, "--merge", parts[0], "--out", tmp_path / "both")
+    assert usage.value.code == 2 and "not both" in capsys.readouterr().err

@@ -12,7 +12,8 @@ LoRA's B needs). ``--set`` edits the config for every round (the budget per roun
 and round; ``OUT/curve.png`` plots test accuracy against labelled items (mean +- std over the seeds);
 ``OUT/seed<s>/<strategy>/round<r>/`` holds each round's labelled set (``data/train.jsonl``) and run (``run/``).
 ``--resume`` continues an interrupted call with the same arguments (``OUT/request.json``): finished rounds are kept,
-a round cut short is trained again.
+a round cut short is trained again. Seeds can run as separate calls (one per core or machine, each its own ``--out``)
+and be merged afterwards: ``python tools/star.py --merge runs/star_s0 runs/star_s1 runs/star_s2 --out runs/star``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import logging
 import sys
 from pathlib import Path
 
-from vpeft.active import STRATEGIES, Budget, Settings, run_active
+from vpeft.active import STRATEGIES, Budget, Settings, merge_results, run_active
 from vpeft.engine import cli
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path)
+    parser.add_argument("config", type=Path, nargs="?", help="the run config (not with --merge)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR", help="merge these calls' seeds into --out")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="edits of the config (each round)")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help=f"of {', '.join(STRATEGIES)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b-decay", type=cli.at_least(0.0, float), default=0.5, help="STAR's weight decay on B")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted call in --out (same arguments)")
     args = parser.parse_args(argv)
+    if (args.merge is None) == (args.config is None):
+        parser.error("give a config to run, or --merge DIR ... to merge earlier calls (not both)")
+    if args.merge:
+        rows = merge_results(args.merge, args.out)
+        print(f"{len(rows)} rounds\n{args.out / 'results.jsonl'}\n{args.out / 'curve.png'}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("vpeft").setLevel(logging.WARNING)  # the rounds' own epoch lines; the loop prints its own
     run_active(

@@ -2,7 +2,7 @@
 the loop that trains each round with the engine (:mod:`vpeft.active.loop`, ``tools/star.py``). The loop's rounds are
 runs the engine trains, so this package sits above it."""
 
-from .loop import STRATEGIES, Budget, Settings, check_request, curve, run_active
+from .loop import STRATEGIES, Budget, Settings, check_request, curve, merge_results, run_active
 from .star import dynamic_uncertainty, dynamic_weight, entropy, mc_entropy, minmax, random_k, top_k
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "dynamic_weight",
     "entropy",
     "mc_entropy",
+    "merge_results",
     "minmax",
     "random_k",
     "run_active",

@@ -177,6 +177,36 @@ def run_active(
     return rows
 
 
+def merge_results(parts: Sequence[str | Path], out: str | Path) -> list[dict[str, Any]]:
+    """One result set from calls that ran different seeds of one request (one call per core or machine): ``out``
+    gets ``results.jsonl`` (every part's rows), ``request.json`` (the request with the seeds of all parts) and
+    ``curve.png``. The parts must agree in everything but their seeds, which must not overlap."""
+    out, requests, rows = Path(out), [], []
+    for part in map(Path, parts):
+        if not (part / REQUEST).is_file():
+            raise MissingFileError(f"{part / REQUEST} does not exist: {part} is not the --out of a tools/star.py call.")
+        requests.append(json.loads((part / REQUEST).read_text()))
+        lines = (part / RESULTS).read_text().splitlines() if (part / RESULTS).is_file() else []
+        rows += [json.loads(line) for line in lines if line.strip()]
+    first = {k: v for k, v in requests[0].items() if k != "seeds"}
+    for part, request in zip(parts, requests, strict=True):
+        changed = sorted(k for k in first.keys() | request.keys() if k != "seeds" and first.get(k) != request.get(k))
+        if changed:
+            raise ConfigError(f"{part} ran another request than {parts[0]} (they differ in {changed}); only calls "
+                              "that differ in --seeds can be merged.")  # fmt: skip
+    seeds = [s for request in requests for s in request["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"the merged calls ran some seeds twice ({sorted(seeds)}); merge calls of disjoint --seeds.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExistingPathError(f"{out} already exists and is not empty; merge into a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / REQUEST, {**requests[0], "seeds": sorted(seeds)})
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write(out / RESULTS, lambda tmp: Path(tmp).write_text(text))
+    plot(rows, out / CURVE)
+    return rows
+
+
 def _check_out(out: Path, request: dict[str, Any], resume: bool) -> dict[tuple[int, str, int], dict[str, Any]]:
     """The rounds already in ``out`` by (seed, strategy, round): none for a new run (``out`` must be new or empty);
     on ``resume``, those of ``results.jsonl``, once ``out/request.json`` is found equal to ``request``."""
