@@ -70,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(1)
     speed.MODEL = args.model
     base = speed.base_model().train()
-    variants = [args.reference, *(v for v in args.methods.split(",") if v and v != args.reference)]
+    variants = [args.reference, *(v for v in speed.split_variants(args.methods) if v != args.reference)]
     header = [
         f"# Step profiles: {speed.WORKLOADS[args.model]}, AdamW, one thread, {args.steps} profiled steps per variant",
         "",

@@ -125,6 +125,17 @@ def method_and_options(variant: str) -> tuple[str, dict]:
     return method, options
 
 
+def split_variants(text: str) -> list[str]:
+    """``--methods`` split at the commas outside brackets: ``lora,adapter:targets=('mlp_in','mlp_out')`` is two."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p for p in (*parts, text[start:]) if p]
+
+
 def set_grad_checkpointing(model: torch.nn.Module, on: bool) -> None:
     if MODEL == "smollm2":
         if on:
@@ -274,7 +285,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    methods = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
+    methods = sorted(METHODS) if args.methods == "all" else split_variants(args.methods)
     references = ["full", FLOOR, HF_LORA] if MODEL == "smollm2" else ["full", "linear", FLOOR, HF_LORA]  # no LM head
     variants = references + [m for m in methods if m not in ("full", "linear")]
     if args.memory_only:
