@@ -26,8 +26,10 @@ Departures: padding tokens are left out of the token mean when the batch has an 
 activations' (batch, tokens) shape (the code averages over every position); taps are on the roles' down projections
 of ``targets``/``layers`` (default every block), whatever the adapter adapts.
 
-Measured (``lm`` suite, WordNet-16, MiniLM, LoRA r=8 q/v with head, 120 steps, seed 0, this 2-core CPU;
-V-PEFT-Bench/results/lm/density_loss.md has the commands and numbers).
+Measured (WordNet-16, MiniLM, LoRA r=8 q/v with head, 120 steps, seed 0, ``eps = 1e-2``; the commands and the
+table in V-PEFT-Bench/results/lm/density_loss.md): at weight 1 the share of MLP activations above 0.01 falls from
+93.28% to 91.68% (above 0.1: 60.35% to 57.98%) with test accuracy 80.20 against LoRA's 79.47; at weight 5 it falls to
+76.42% at a cost of 3.7 points; at weight 20 the classifier collapses to chance.
 """
 
 from __future__ import annotations
