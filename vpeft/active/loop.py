@@ -163,8 +163,7 @@ def run_active(
                                  **{k: summary["test"][k] for k in ("accuracy", "macro_f1")}, "added": added,
                                  "run_dir": str(run_dir / "run"), "seconds": round(time.perf_counter() - tic, 1),
                                  "selection_seconds": round(choosing, 1)})  # fmt: skip
-                    text = "".join(json.dumps(x) + "\n" for x in rows)
-                    atomic_write(out / RESULTS, lambda tmp, text=text: Path(tmp).write_text(text))
+                    _write_rows(out, rows)
                     report(f"seed {seed}  {strategy:8s} round {r}  labelled {len(labelled):5d}  "
                            f"accuracy {rows[-1]['accuracy']:.2f}  {rows[-1]['seconds']:.0f} s")  # fmt: skip
                 if r + 1 < budget.rounds:
@@ -186,8 +185,7 @@ def merge_results(parts: Sequence[str | Path], out: str | Path) -> list[dict[str
         if not (part / REQUEST).is_file():
             raise MissingFileError(f"{part / REQUEST} does not exist: {part} is not the --out of a tools/star.py call.")
         requests.append(json.loads((part / REQUEST).read_text()))
-        lines = (part / RESULTS).read_text().splitlines() if (part / RESULTS).is_file() else []
-        rows += [json.loads(line) for line in lines if line.strip()]
+        rows += _read_rows(part)
     first = {k: v for k, v in requests[0].items() if k != "seeds"}
     for part, request in zip(parts, requests, strict=True):
         changed = sorted(k for k in first.keys() | request.keys() if k != "seeds" and first.get(k) != request.get(k))
@@ -201,8 +199,7 @@ def merge_results(parts: Sequence[str | Path], out: str | Path) -> list[dict[str
         raise ExistingPathError(f"{out} already exists and is not empty; merge into a new --out.")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / REQUEST, {**requests[0], "seeds": sorted(seeds)})
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    atomic_write(out / RESULTS, lambda tmp: Path(tmp).write_text(text))
+    _write_rows(out, rows)
     plot(rows, out / CURVE)
     return rows
 
@@ -223,9 +220,18 @@ def _check_out(out: Path, request: dict[str, Any], resume: bool) -> dict[tuple[i
     if changed:
         raise ConfigError(f"--resume: the request differs from the one {out} was started with in {changed} "
                           f"({out / REQUEST}); resume with the same arguments, or start a new --out.")  # fmt: skip
+    return {(r["seed"], r["strategy"], r["round"]): r for r in _read_rows(out)}
+
+
+def _read_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of ``out/results.jsonl`` (none before the first round has finished)."""
     lines = (out / RESULTS).read_text().splitlines() if (out / RESULTS).is_file() else []
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return {(r["seed"], r["strategy"], r["round"]): r for r in rows}
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write(out / RESULTS, lambda tmp: Path(tmp).write_text(text))
 
 
 def select(
