@@ -334,23 +334,29 @@ def main() -> None:
         f"{'' if args.methods == 'all' else ' --methods ' + args.methods}{' --no-memory' if args.no_memory else ''}`; "
         f"{WORKLOADS[MODEL]}, AdamW; medians of {args.reps} interleaved rounds"
         + (" of process CPU time." if args.clock == "cpu" else "."),
-        f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. Peak memory: "
-        + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
-        + ("" if device.type == "cuda" or args.default_allocator else " (fixed mmap threshold)")
-        + " of a child process per variant (MB).",
+        f"Gradient checkpointing: {'on' if args.grad_ckpt else 'off'}. "
+        + (
+            "Peak memory: not measured (`--no-memory`)."
+            if args.no_memory
+            else "Peak memory: "
+            + ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
+            + ("" if device.type == "cuda" or args.default_allocator else " (fixed mmap threshold)")
+            + " of a child process per variant (MB)."
+        ),
         "",
         "x floor: the ratio of medians to `frozen_backprop`'s, then the least and greatest of the per-round ratios "
         "(each round times every variant once, so a round's ratio is the comparison least touched by other load).",
         "",
-        "| variant | step ms | x full | x floor | x floor, rounds | x HF LoRA | peak MB | x full |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | step ms | x full | x floor | x floor, rounds | x HF LoRA |"
+        + ("" if args.no_memory else " peak MB | x full |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + ("" if args.no_memory else " ---: | ---: |"),
     ]
     for v in steps:
         rounds = [t / f for t, f in zip(step_times[v], step_times[FLOOR], strict=True)]
+        memory = "" if args.no_memory else f" {peak[v]:.0f} | {peak[v] / peak['full']:.3f} |"
         lines.append(
             f"| {v} | {step_ms[v]:.1f} | {step_ms[v] / step_ms['full']:.3f} | {step_ms[v] / step_ms[FLOOR]:.3f} "
-            f"| {min(rounds):.3f}-{max(rounds):.3f} | {step_ms[v] / step_ms[HF_LORA]:.3f} "
-            f"| {peak[v]:.0f} | {peak[v] / peak['full']:.3f} |"
+            f"| {min(rounds):.3f}-{max(rounds):.3f} | {step_ms[v] / step_ms[HF_LORA]:.3f} |{memory}"
         )
     lines += ["", "| inference | ms | x base |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {ms:.1f} | {ms / infer_ms['base']:.3f} |" for k, ms in infer_ms.items()]
@@ -360,7 +366,8 @@ def main() -> None:
     name += "ckpt" if args.grad_ckpt else "plain"
     out = args.out or Path(__file__).parent / "results" / f"{name}.md"
     rounds_ms = {v: [1000 * t for t in ts] for v, ts in step_times.items()}
-    record = dict(step_ms=step_ms, step_rounds_ms=rounds_ms, infer_ms=infer_ms, peak_mb=peak, machine=machine)
+    peak_mb = None if args.no_memory else peak
+    record = dict(step_ms=step_ms, step_rounds_ms=rounds_ms, infer_ms=infer_ms, peak_mb=peak_mb, machine=machine)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
