@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--reference", default="lora", help="the variant the others are compared with")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps per variant")
     parser.add_argument("--top", type=int, default=10, help="operators listed per variant")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on, as speed.py's")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -72,17 +73,19 @@ def main() -> None:
     base = speed.base_model().train()
     variants = [args.reference, *(v for v in speed.split_variants(args.methods) if v != args.reference)]
     header = [
-        f"# Step profiles: {speed.WORKLOADS[args.model]}, AdamW, one thread, {args.steps} profiled steps per variant",
+        f"# Step profiles: {speed.WORKLOADS[args.model]}, AdamW, one thread, {args.steps} profiled steps per variant"
+        + (", gradient checkpointing" if args.grad_ckpt else ""),
         "",
         f"`python V-PEFT-Bench/perf/profile_step.py --model {args.model} --methods {args.methods} --steps "
-        f"{args.steps} --top {args.top}`. Self CPU time per step under torch's profiler, operators ranked by the time "
+        f"{args.steps} --top {args.top}{' --grad-ckpt' if args.grad_ckpt else ''}`. Self CPU time per step under "
+        "torch's profiler, operators ranked by the time "
         f"they add to `{args.reference}`'s step.",
         "",
     ]
     print("\n".join(header), flush=True)
     lines, ref_times = list(header), None
     for variant in variants:
-        model = speed.build(variant, base, grad_ckpt=False).train()
+        model = speed.build(variant, base, grad_ckpt=args.grad_ckpt).train()
         times = operator_times(model, args.steps)
         del model
         ref_times = ref_times or times
