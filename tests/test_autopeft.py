@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 
 import pytest
 
 from vpeft.errors import ConfigError
 from vpeft.search import block_indices, overrides, pareto_front, search
+from vpeft.search.autopeft import random_configuration
 
 pytest.importorskip("optuna", reason="AutoPEFT's search needs optuna (pip install 'vpeft[search]')")
 
@@ -70,6 +72,45 @@ def test_search_on_a_synthetic_objective(tmp_path):
         search(evaluate, [0], 0, tmp_path / "t", log=lambda _: None)
 
 
+def test_search_advances_where_the_process_proposes_configurations_that_adapt_nothing(tmp_path, monkeypatch):
+    """A flat score and the parameter objective pull the Gaussian process to the empty configuration, which it would
+    propose at every ask (it fits completed trials only): each such proposal is replaced by a random valid one."""
+    from vpeft.search import autopeft
+
+    seen, replaced = [], []
+
+    def evaluate(edits):
+        seen.append(edits)
+        layers = json.loads(edits[2].split("=")[1])
+        width = (2 if "q" in edits[1] else 0) + (5 if "mlp_in" in edits[1] else 0)
+        return 72.0, int(edits[0].split("=")[1]) * len(layers) * width
+
+    def counted(rng, layers):
+        replaced.append(1)
+        return random_configuration(rng, layers)
+
+    def stuck(signum, frame):
+        raise TimeoutError("the search made no progress in 240 s")
+
+    monkeypatch.setattr(autopeft, "random_configuration", counted)
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(240)
+    try:
+        search(evaluate, [0, 1, 2], 5, tmp_path / "s", startup=2, log=lambda _: None)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert replaced, "the process proposed no empty configuration: this test no longer exercises the replacement"
+    assert len(seen) == 5 and all(json.loads(e[2].split("=")[1]) for e in seen)
+
+
+def test_random_configuration_always_adapts_something():
+    rng = random.Random(0)
+    for _ in range(200):
+        layers = rng.sample(range(12), rng.randint(1, 4))
+        assert overrides(random_configuration(rng, layers), layers) is not None
+
+
 def test_tool_trains_each_trial_with_its_lora_size(tmp_path, one_thread):
     from tests.lm.test_text_tasks import bert_folder, label_rows, write_jsonl
     from tools import autopeft as tool
@@ -85,11 +126,10 @@ data: {{name: jsonl, root: "{data}", batch_size: 4, num_workers: 0}}
 optim: {{lr: 1.0e-2}}
 train: {{epochs: 1, max_steps: 2, tensorboard: false, seed: 0}}
 """)
-    # startup trials only: the GP sampler is exercised by the synthetic search above. After this test had built the
-    # tiny BERT, the sampler's acquisition step ran for minutes, with torch's DeviceContext mode on its stack (open)
-    assert tool.main([str(config), "--out", str(tmp_path / "a"), "--trials", "2", "--startup", "2"]) == 0
+    # two random trials, then the Gaussian process (which once proposed an empty configuration forever here)
+    assert tool.main([str(config), "--out", str(tmp_path / "a"), "--trials", "4", "--startup", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "trials.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == 4
     for row in rows:  # hidden 32, MLP 64: q and v r(32 + 32) each, mlp_in and mlp_out r(32 + 64) each, per layer
         space = row["space"]
         per_layer = 2 ** space["log2_r"] * (2 * 64 * space["attn"] + 2 * 96 * space["ffn"])

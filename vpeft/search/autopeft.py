@@ -9,10 +9,12 @@ is trained in full.
 Search space (the paper's Sec. 3, mapped onto vpeft's LoRA): ``layer_i`` in {0, 1} for each of the model's L blocks
 (the paper's per-layer insertion, ``leave_out``), ``log2_r`` in {0, ..., 4} (r = 1 to 16; the paper searches the
 adapters' bottleneck sizes on a log2 grid), and two placement flags, ``attn`` (q and v) and ``ffn`` (the MLP's input
-and output projections; at least one is on). A configuration with no layer is scored as nothing to train and is not
-a trial. Departure: the paper's space combines serial adapters, parallel adapters and prefix tuning in one model
-(its modified adapter-transformers); here one method (LoRA, or any with ``r``) is configured, since vpeft activates
-one adapter at a time.
+and output projections; at least one is on). A configuration with no layer or no placement adapts nothing and is not
+a trial: it is told to the study as pruned, and a random valid configuration is evaluated in its place. The Gaussian
+process fits completed trials only, so without that it proposes the same empty configuration again and again (the
+parameter objective pulls it there, and the search never advances). Departure: the paper's space combines serial
+adapters, parallel adapters and prefix tuning in one model (its modified adapter-transformers); here one method
+(LoRA, or any with ``r``) is configured, since vpeft activates one adapter at a time.
 
 The optimiser is optuna's ``GPSampler`` (a Gaussian process with a Matern-5/2 ARD kernel and log expected hypervolume
 improvement for several objectives) after ``startup`` random trials (Sobol in the paper; optuna's random sampler
@@ -23,6 +25,7 @@ extra.
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,6 +51,15 @@ def overrides(params: dict[str, Any], layers: Sequence[int]) -> list[str] | None
     if not chosen or not targets:
         return None
     return [f"method.r={2 ** params['log2_r']}", f"method.targets=[{', '.join(targets)}]", f"method.layers={chosen}"]
+
+
+def random_configuration(rng: random.Random, layers: Sequence[int]) -> dict[str, int]:
+    """A point of the search space that adapts something: at least one layer and at least one placement."""
+    chosen = {i: rng.randint(0, 1) for i in layers}
+    if not any(chosen.values()):
+        chosen[rng.choice(list(layers))] = 1
+    attn, ffn = rng.choice([(1, 0), (0, 1), (1, 1)])
+    return {**{f"layer_{i}": on for i, on in chosen.items()}, "log2_r": rng.randint(0, 4), "attn": attn, "ffn": ffn}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -85,6 +97,7 @@ def search(
         seed=seed, n_startup_trials=startup, independent_sampler=optuna.samplers.RandomSampler(seed=seed)
     )
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     while len(records) < trials:
         trial = study.ask()
@@ -95,8 +108,9 @@ def search(
             ffn=trial.suggest_int("ffn", 0, 1),
         )
         edits = overrides(params, layers)
-        if edits is None:  # adapts nothing: not a configuration; the sampler learns to avoid it
+        if edits is None:  # adapts nothing: the next ask evaluates a random valid configuration instead
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            study.enqueue_trial(random_configuration(rng, layers))
             continue
         score, params_count = evaluate(edits)
         study.tell(trial, [score, params_count])
