@@ -27,9 +27,9 @@ no weight gradient and none of an adapter's own work (for LoRA: the dropout mask
 their gradients), so no method that adapts q and v can step faster; ``x floor`` is what the adapter's own work costs.
 With gradient checkpointing the floor recomputes every block's forward in the backward pass as the methods do, so by
 its work it stays a floor; measured, it is not one: on SmolLM2 (one quiet thread, 7 rounds) its step took 1.22x HF
-PEFT LoRA's and LoRA's 0.82x the floor's, with per-round ratios from 0.77 to 1.13, while under torch's profiler the
-same floor took 0.89x LoRA's step (``profile_step.py --grad-ckpt``). The cause is not found; read ``x floor`` with
-``--grad-ckpt`` as a ratio to that variant, not as a bound.
+PEFT LoRA's and LoRA's 0.82x the floor's, with per-round ratios from 0.77 to 1.13, while under torch's profiler (one
+step, the machine loaded) the same floor took 0.89x LoRA's step (``profile_step.py --grad-ckpt``). The cause is not
+found; read ``x floor`` with ``--grad-ckpt`` as a ratio to that variant, not as a bound.
 
 Timing on a shared machine: ``--threads 1 --clock cpu`` times the process's CPU time on one thread, which other load
 barely moves (it still shares caches and memory bandwidth); wall-clock ratios at the default threads need a quiet
