@@ -25,11 +25,11 @@ the q and v outputs of every block (through the LM head, the MLPs, attention and
 block's input, which no q,v method needs), plus the bias gradients (row sums) and AdamW over the biases. It computes
 no weight gradient and none of an adapter's own work (for LoRA: the dropout mask, ``x' A^T``, ``h B^T``, the add and
 their gradients), so no method that adapts q and v can step faster; ``x floor`` is what the adapter's own work costs.
-With gradient checkpointing the floor recomputes every block's forward in the backward pass as the methods do, so by
-its work it stays a floor; measured, it is not one: on SmolLM2 (one quiet thread, 7 rounds) its step took 1.22x HF
-PEFT LoRA's and LoRA's 0.82x the floor's, with per-round ratios from 0.77 to 1.13, while under torch's profiler (one
-step, the machine loaded) the same floor took 0.89x LoRA's step (``profile_step.py --grad-ckpt``). The cause is not
-found; read ``x floor`` with ``--grad-ckpt`` as a ratio to that variant, not as a bound.
+With gradient checkpointing the floor recomputes every block's forward in the backward pass as the methods do, so it
+stays a floor (a method's recompute also repeats its adapter work, the dropout draw included). Every round times the
+unmerged adapted models' inference in eval mode and then puts them back in training mode: before that was done, the
+adapted variants trained in eval mode from the second round on, without dropout and, on SmolLM2, without gradient
+checkpointing (Hugging Face applies it in training mode only), which made them look faster than the floor.
 
 Timing on a shared machine: ``--threads 1 --clock cpu`` times the process's CPU time on one thread, which other load
 barely moves (it still shares caches and memory bandwidth); wall-clock ratios at the default threads need a quiet
@@ -318,6 +318,8 @@ def main() -> None:
             for k, m in infer.items():
                 m.eval()
                 infer_times[k].append(timed(lambda m=m: forward(m, x), device, clock))
+        for m in models.values():  # the unmerged inference rows are the training models: back to training mode,
+            m.train()  # where dropout and Hugging Face's gradient checkpointing act
     peak = {v: float("nan") for v in steps}
     if not args.no_memory:
         peak = {v: child_peak_memory(v, args.grad_ckpt, args.default_allocator) for v in steps}
